@@ -1,0 +1,50 @@
+"""txt2img: fast text-to-image generation in one forward pass.
+
+    >>> import torch
+    >>> from txt2img import Txt2ImgPipeline
+    >>> pipe = Txt2ImgPipeline.from_pretrained("org/model")  # doctest: +SKIP
+    >>> image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]  # doctest: +SKIP
+
+The public classes are imported on first use, so ``import txt2img`` is quick and pulls in neither
+transformers nor huggingface_hub until they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "TextEncoder": "txt2img.text_encoder",
+    "TextEncoderConfig": "txt2img.text_encoder",
+    "PromptEmbeds": "txt2img.text_encoder",
+    "VAEDecoder": "txt2img.vae",
+    "VAEEncoder": "txt2img.vae",
+    "VAEConfig": "txt2img.vae",
+    "GANGenerator": "txt2img.gan",
+    "GANConfig": "txt2img.gan",
+    "Txt2ImgPipeline": "txt2img.pipeline",
+    "Txt2ImgPipelineOutput": "txt2img.pipeline",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from txt2img.gan import GANConfig, GANGenerator
+    from txt2img.pipeline import Txt2ImgPipeline, Txt2ImgPipelineOutput
+    from txt2img.text_encoder import PromptEmbeds, TextEncoder, TextEncoderConfig
+    from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'txt2img' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

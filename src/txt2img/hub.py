@@ -1,0 +1,183 @@
+"""Find a model's files: a local folder is read in place, a Hub repo id is resolved into the local cache.
+
+Rules (see docs/loading.md):
+- a local folder, ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` makes no network request;
+- from the Hub only the files that will be read are downloaded: JSON configs, tokenizer files and
+  safetensors weights, never pickle weights;
+- every failure is an ``OSError`` that names the model and says what to do.
+
+huggingface_hub is imported inside the functions that use it, so ``import txt2img`` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# The files a component folder may need: configs, tokenizer files, safetensors weights (whole or sharded).
+COMPONENT_FILE_PATTERNS = (
+    "*.json",
+    "*.txt",
+    "*.model",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model-*.safetensors",
+    "model.safetensors",
+    "model-*.safetensors",
+)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def component_patterns(subfolder: str | None) -> list[str]:
+    """The download patterns for one component folder (``None``: the repo root)."""
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    return [prefix + pattern for pattern in COMPONENT_FILE_PATTERNS]
+
+
+def is_offline(local_files_only: bool) -> bool:
+    """True when no request may be made: ``local_files_only`` or ``HF_HUB_OFFLINE`` set to a true value."""
+    return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_folder(
+    name_or_path: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    allow_patterns: Iterable[str] | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """Return the local folder holding a model's files, downloading them from the Hub if needed.
+
+    Args:
+        name_or_path: A local folder, or a Hub repo id such as ``"org/model"``.
+        subfolder: A folder inside the model, e.g. ``"vae"``.
+        allow_patterns: Which files to fetch from the Hub; defaults to the component files of ``subfolder``.
+        revision: A Hub branch, tag or commit sha. Ignored for local folders.
+        cache_dir: The Hub cache folder (default: huggingface_hub's).
+        local_files_only: Use the Hub cache only; make no request.
+        token: A Hub token, for private or gated repos.
+
+    Returns:
+        The folder (``subfolder`` included).
+
+    Raises:
+        OSError: the folder or repo does not exist, or cannot be reached offline.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise OSError(f"{path} has no subfolder {subfolder!r}: is this the right model folder?")
+        return folder
+    if path.exists():
+        raise OSError(f"{path} is a file, not a model folder: pass the folder that holds config.json.")
+    name = str(name_or_path)
+    if not _REPO_ID.match(name):
+        raise OSError(
+            f"{name!r} is neither a local folder nor a Hugging Face Hub repo id (like 'org/model'). "
+            "Check the path or the repo id."
+        )
+    patterns = list(allow_patterns) if allow_patterns is not None else component_patterns(subfolder)
+    root = _snapshot(name, patterns, revision, cache_dir, local_files_only, token)
+    folder = root / subfolder if subfolder else root
+    if not folder.is_dir():
+        raise OSError(f"The Hub repo {name!r} (revision {revision or 'main'}) has no folder {subfolder!r}.")
+    return folder
+
+
+def _snapshot(
+    repo_id: str,
+    patterns: list[str],
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool,
+    token: str | bool | None,
+) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from txt2img import __version__
+
+    offline = is_offline(local_files_only)
+    try:
+        root = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=offline,
+            token=token,
+            allow_patterns=patterns,
+            library_name="txt2img",
+            library_version=__version__,
+        )
+    except LocalEntryNotFoundError as error:
+        if offline:
+            raise OSError(
+                f"{repo_id!r} (revision {revision or 'main'}) is not in the local Hub cache and downloads are "
+                "off (local_files_only=True or HF_HUB_OFFLINE=1). Download it once with network access, "
+                "or pass a local folder."
+            ) from error
+        raise OSError(
+            f"Could not reach the Hugging Face Hub to download {repo_id!r}, and it is not in the local cache. "
+            "Check the network, or pass a local folder."
+        ) from error
+    except GatedRepoError as error:
+        raise OSError(f"{repo_id!r} is gated: accept its terms on the Hub and pass token=...") from error
+    except RepositoryNotFoundError as error:
+        raise OSError(
+            f"{repo_id!r} is not a local folder and no Hub repo of that name was found "
+            "(or it is private: pass token=...)."
+        ) from error
+    except RevisionNotFoundError as error:
+        raise OSError(f"{repo_id!r} has no revision {revision!r}: check the branch, tag or commit.") from error
+    except HfHubHTTPError as error:
+        raise OSError(f"Downloading {repo_id!r} from the Hub failed: {error}") from error
+    return Path(root)
+
+
+def find_pickle_files(folder: Path) -> list[str]:
+    """Names of pickle weight files in ``folder`` (which txt2img never loads)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def push_folder(
+    save: Callable[[Path], None],
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Save into a temporary folder with ``save`` and upload it to the Hub repo ``repo_id``.
+
+    Returns:
+        The URL of the commit.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp))
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            revision=revision,
+            commit_message=commit_message or "Upload with txt2img",
+        )
+    return str(info)

@@ -1,0 +1,341 @@
+"""Saving and loading txt2img's own models: a typed dataclass config in ``config.json`` and safetensors weights.
+
+``from_pretrained`` is four steps: resolve the folder, read the config, build the module on the meta device
+(no memory, no random init), load the weights strictly. Strict means missing keys, unexpected keys and
+shape mismatches are all reported together, naming the file, before any weight is touched. Pickle files
+are never opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from txt2img import hub
+from txt2img.placement import resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+ConfigT = TypeVar("ConfigT", bound="ModelConfig")
+ModelT = TypeVar("ModelT", bound="ModelMixin")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Base of every model config: a dataclass that round-trips through ``config.json``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], data: dict[str, Any], source: str = "config") -> ConfigT:
+        """Build the config from ``data``, checking names and types; keys starting with ``_`` are metadata.
+
+        Raises:
+            ValueError: a required key is missing or a value has the wrong type (naming ``source``).
+        """
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in fields and not k.startswith("_"))
+        if unknown:
+            logger.warning("%s: ignoring keys this version of txt2img does not know: %s", source, unknown)
+        missing = [
+            name
+            for name, f in fields.items()
+            if name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        ]
+        if missing:
+            raise ValueError(f"{source} lacks the required keys {missing}.")
+        values = {}
+        for name, value in data.items():
+            if name in fields:
+                values[name] = _coerce(value, hints[name], f"{source}: key {name!r}")
+        return cls(**values)
+
+    def save(self, folder: Path, class_name: str) -> None:
+        payload = {"_class_name": class_name, **self.to_dict()}
+        (folder / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` (parsed JSON) against a type hint; JSON lists become tuples where a tuple is declared."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where} has value {value!r}, expected {hint}.")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{where} has value {value!r}, expected null.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} has value {value!r}, expected a list.")
+        item_hint = args[0] if args else Any
+        return tuple(_coerce(v, item_hint, where) for v in value)
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ValueError(f"{where} has value {value!r}, expected {getattr(hint, '__name__', hint)}.")
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """Read ``folder/config.json``.
+
+    Raises:
+        OSError: the file is missing or is not a JSON object.
+    """
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise OSError(f"{path} does not exist: a model folder needs a config.json next to its weights.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise OSError(f"{path} is not valid JSON ({error}). Re-download or re-save the model.") from error
+    if not isinstance(data, dict):
+        raise OSError(f"{path} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def weight_files(folder: Path, weights_name: str) -> list[Path]:
+    """The safetensors files holding a model's weights: ``weights_name``, or the shards its index lists.
+
+    Raises:
+        OSError: no safetensors weights (with advice when only pickle weights are there).
+    """
+    single = folder / weights_name
+    if single.is_file():
+        return [single]
+    index = folder / f"{weights_name}.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise OSError(f"{index} is not a valid safetensors index (no 'weight_map').") from error
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    pickles = hub.find_pickle_files(folder) if folder.is_dir() else []
+    if pickles:
+        raise OSError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}), which txt2img never loads because "
+            "unpickling can run arbitrary code. Convert them once, in an environment you trust, with "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), "
+            f"'{folder / weights_name}')."
+        )
+    raise OSError(f"{folder} has no weights: expected {weights_name}.")
+
+
+def load_state_dict_strict(files: list[Path], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read the tensors of ``files``, checking keys and shapes against ``expected`` before reading any data.
+
+    Args:
+        files: safetensors files, e.g. from :func:`weight_files`.
+        expected: the model's state dict (meta tensors are fine: only names and shapes are used).
+
+    Returns:
+        The state dict read from ``files``, in their stored dtype, on the CPU.
+
+    Raises:
+        OSError: a file is unreadable or corrupt, or keys/shapes differ (all differences listed at once).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    where: dict[str, Path] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+                    where[key] = path
+        except (SafetensorError, OSError, ValueError) as error:
+            raise OSError(f"{path} is not a valid safetensors file ({error}). Re-download or re-save it.") from error
+
+    names = ", ".join(str(p) for p in files)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = [
+        f"{k}: file {list(shapes[k])} vs model {list(expected[k].shape)}"
+        for k in sorted(set(shapes) & set(expected))
+        if shapes[k] != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"The weights in {names} do not match the model built from its config.json:"]
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
+                lines.append(f"  {len(items)} {label}: {shown}")
+        lines.append("Check that config.json and the weights come from the same model.")
+        raise OSError("\n".join(lines))
+
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise OSError(f"{path} is corrupt ({error}). Re-download or re-save it.") from error
+    return state
+
+
+def save_state_dict(module: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+
+
+class ModelMixin(nn.Module):
+    """Loading, saving and placement for txt2img's own models (``VAEDecoder``, ``GANGenerator``, ...).
+
+    A subclass sets ``config_class`` and takes its config as the only constructor argument.
+    """
+
+    config_class: ClassVar[type[ModelConfig]]
+    weights_name: ClassVar[str] = WEIGHTS_NAME
+    config: ModelConfig
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @classmethod
+    def from_config(cls: type[ModelT], config: ModelConfig | dict[str, Any]) -> ModelT:
+        """Build the model with freshly initialised weights."""
+        if isinstance(config, dict):
+            config = cls.config_class.from_dict(config)
+        return cls(config)  # type: ignore[call-arg]
+
+    @classmethod
+    def from_pretrained(
+        cls: type[ModelT],
+        name_or_path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+    ) -> ModelT:
+        """Load a model saved by ``save_pretrained``, from a local folder or a Hub repo.
+
+        Args:
+            name_or_path: A local folder or a Hub repo id.
+            subfolder: The model's folder inside ``name_or_path``, e.g. ``"vae"``.
+            revision: Hub branch, tag or commit sha.
+            cache_dir: Hub cache folder.
+            local_files_only: Make no network request; use the local folder or the Hub cache only.
+            token: Hub token for private or gated repos.
+            dtype: Weight dtype (``torch.float32``, ``"float16"``, ...); default float32.
+            device: Where to put the model; default CPU.
+            torch_dtype: Deprecated name of ``dtype``.
+
+        Returns:
+            The model in eval mode.
+
+        Raises:
+            OSError: missing or corrupt files, weights that do not match the config.
+            ValueError: a config with missing keys, wrong types or for another class.
+        """
+        dtype = resolve_dtype(dtype, torch_dtype)
+        folder = hub.resolve_folder(
+            name_or_path,
+            subfolder=subfolder,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        config = cls.read_config(folder)
+        files = weight_files(folder, cls.weights_name)
+        with torch.device("meta"):
+            model = cls(config)  # type: ignore[call-arg]
+        state = load_state_dict_strict(files, model.state_dict())
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device=resolve_device(device), dtype=dtype).eval()
+
+    @classmethod
+    def read_config(cls, folder: Path) -> ModelConfig:
+        """Read and check ``folder/config.json`` for this class."""
+        data = read_config_json(folder)
+        class_name = data.get("_class_name")
+        if class_name is not None and class_name != cls.__name__:
+            raise ValueError(
+                f"{folder / CONFIG_NAME} describes a {class_name!r}, not a {cls.__name__}: "
+                "is this the right folder or subfolder?"
+            )
+        return cls.config_class.from_dict(data, source=str(folder / CONFIG_NAME))
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and the safetensors weights into ``save_directory`` (created if needed)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder, type(self).__name__)
+        save_state_dict(self, folder / self.weights_name)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Save the model and upload it to the Hub repo ``repo_id`` (created if needed).
+
+        Returns:
+            The URL of the commit.
+        """
+        return hub.push_folder(
+            self.save_pretrained,
+            repo_id,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+        )

@@ -1,0 +1,444 @@
+"""``Txt2ImgPipeline``: prompt → text encoder → one generator pass → VAE decoder → images.
+
+Everything a call needs (noise, progress bar, sizes) is created in the call; nothing is stored on the
+pipeline, so concurrent calls from several threads give the same images as calls made one after another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from txt2img import hub
+from txt2img.gan import GANGenerator
+from txt2img.generation import GeneratorArg, draw_noise
+from txt2img.images import OUTPUT_TYPES, numpy_to_pil, to_numpy, to_unit_range
+from txt2img.placement import resolve_device, resolve_dtype
+from txt2img.text_encoder import PromptEmbeds, TextEncoder
+from txt2img.vae import VAEDecoder
+
+MODEL_INDEX_NAME = "model_index.json"
+COMPONENT_CLASSES: dict[str, type] = {"TextEncoder": TextEncoder, "GANGenerator": GANGenerator, "VAEDecoder": VAEDecoder}
+PROGRESS_ENV = "TXT2IMG_DISABLE_PROGRESS_BAR"
+
+
+@dataclasses.dataclass
+class Txt2ImgPipelineOutput:
+    """What a pipeline call returns.
+
+    Attributes:
+        images: PIL images (``output_type="pil"``), an array (B, H, W, 3) in [0, 1] (``"np"``), a tensor
+            (B, 3, H, W) in [0, 1] (``"pt"``), or the scaled latents (B, C, h, w) (``"latent"``).
+    """
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+
+
+class Txt2ImgPipeline:
+    """Text-to-image in one generator pass.
+
+    Args:
+        text_encoder: Prompts → token features and pooled vectors.
+        gan: Noise + text features → latents, in one forward pass.
+        vae: Latents → images.
+    """
+
+    component_names = ("text_encoder", "gan", "vae")
+
+    def __init__(self, text_encoder: TextEncoder, gan: GANGenerator, vae: VAEDecoder) -> None:
+        self.text_encoder = text_encoder
+        self.gan = gan
+        self.vae = vae
+        self._progress_bar_config: dict[str, Any] = {}
+
+    # -----------------------------------------------------------------------------------------------------
+    # Properties and placement
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The components by name, as ``from_pretrained`` accepts them as keywords."""
+        return {name: getattr(self, name) for name in self.component_names}
+
+    @property
+    def device(self) -> torch.device:
+        """The execution device (the generator's)."""
+        return self.gan.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The generator's dtype."""
+        return self.gan.dtype
+
+    @property
+    def size_factor(self) -> int:
+        """Image height and width must be multiples of this many pixels."""
+        return self.vae.scale_factor * self.gan.size_factor
+
+    @property
+    def default_size(self) -> int:
+        """The native image side in pixels."""
+        return self.gan.sample_size * self.vae.scale_factor
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> Txt2ImgPipeline:
+        """Move every component to ``device`` and/or cast it to ``dtype``; returns the pipeline."""
+        target = resolve_device(device) if device is not None else None
+        cast = resolve_dtype(dtype) if dtype is not None else None
+        for component in self.components.values():
+            component.to(device=target, dtype=cast)
+        return self
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for the tqdm progress bar of each call, e.g. ``disable=True``.
+
+        The environment variable ``TXT2IMG_DISABLE_PROGRESS_BAR=1`` also turns it off.
+        """
+        self._progress_bar_config = dict(kwargs)
+
+    def _progress_bar(self, total: int) -> tqdm:
+        config = {"desc": "txt2img", "leave": False, **self._progress_bar_config}
+        if os.environ.get(PROGRESS_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+            config["disable"] = True
+        return tqdm(total=total, **config)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Saving and loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        **components: Any,
+    ) -> Txt2ImgPipeline:
+        """Load a pipeline: a ``model_index.json`` plus one subfolder per component.
+
+        Args:
+            name_or_path: A local folder (read in place) or a Hub repo id (only the needed files are
+                downloaded into the Hub cache).
+            dtype: Weight dtype of every loaded component; default float32.
+            device: Where to put them; default CPU.
+            revision: Hub branch, tag or commit sha.
+            cache_dir: Hub cache folder.
+            local_files_only: Make no network request.
+            token: Hub token for private or gated repos.
+            torch_dtype: Deprecated name of ``dtype``.
+            **components: Components to use instead of loading them (``text_encoder=``, ``gan=``, ``vae=``).
+
+        Returns:
+            The pipeline.
+
+        Raises:
+            OSError: the model, a component folder or a file is missing or broken.
+            ValueError: an unknown component class or keyword.
+        """
+        dtype = resolve_dtype(dtype, torch_dtype)
+        unknown = sorted(set(components) - set(cls.component_names))
+        if unknown:
+            raise ValueError(f"Unknown components {unknown}: a Txt2ImgPipeline has {list(cls.component_names)}.")
+        fetch = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
+        root = hub.resolve_folder(name_or_path, allow_patterns=[MODEL_INDEX_NAME], **fetch)
+        index = read_model_index(root)
+        needed = [name for name in cls.component_names if name not in components]
+        if not Path(name_or_path).expanduser().is_dir() and needed:
+            # Fetch the needed components' files at the very commit whose model_index.json was read.
+            patterns = [p for name in needed for p in hub.component_patterns(name)]
+            root = hub.resolve_folder(
+                name_or_path, allow_patterns=patterns, **{**fetch, "revision": root.name}
+            )
+        loaded = dict(components)
+        for name in needed:
+            component_class = component_class_for(root, index, name)
+            if not (root / name).is_dir():
+                raise OSError(f"{root} has no folder {name!r} for the component {name!r} listed in {MODEL_INDEX_NAME}.")
+            loaded[name] = component_class.from_pretrained(root, subfolder=name, dtype=dtype, device=device)
+        return cls(**loaded)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``model_index.json``, one subfolder per component and a model card (``README.md``)."""
+        from txt2img import __version__
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        index: dict[str, Any] = {"_class_name": type(self).__name__, "_txt2img_version": __version__}
+        for name, component in self.components.items():
+            index[name] = ["txt2img", type(component).__name__]
+            component.save_pretrained(folder / name)
+        (folder / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (folder / "README.md").write_text(model_card(self))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Save the pipeline and upload it to the Hub repo ``repo_id`` (created if needed).
+
+        Returns:
+            The URL of the commit.
+        """
+        return hub.push_folder(
+            self.save_pretrained, repo_id, token=token, private=private, revision=revision, commit_message=commit_message
+        )
+
+    # -----------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: PromptEmbeds | None = None,
+        truncation_psi: float = 1.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> Txt2ImgPipelineOutput | tuple[Any]:
+        """Generate images from prompts.
+
+        Args:
+            prompt: A prompt or a list of prompts (or ``None`` with ``prompt_embeds``).
+            num_images_per_prompt: Images per prompt.
+            height: Image height in pixels, a multiple of ``size_factor``; default ``default_size``.
+            width: Image width in pixels, likewise.
+            generator: A ``torch.Generator``, or one per image, for reproducible noise.
+            latents: Noise to use instead of drawing it, of shape ``gan.noise_shape(B, h, w)``.
+            prompt_embeds: Prompts already encoded by ``encode_prompt``.
+            truncation_psi: Below 1, less variety and more typical images.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict: Return a :class:`Txt2ImgPipelineOutput` (else a one-element tuple).
+
+        Returns:
+            The images (see :class:`Txt2ImgPipelineOutput`).
+
+        Raises:
+            ValueError, TypeError: arguments that cannot work, with what to change.
+        """
+        # 1. Check inputs
+        height, width = self.check_inputs(
+            prompt, prompt_embeds, num_images_per_prompt, height, width, truncation_psi, output_type
+        )
+        latent_height, latent_width = height // self.vae.scale_factor, width // self.vae.scale_factor
+        with self._progress_bar(total=3) as progress:
+            # 2. Encode the prompt
+            embeds = prompt_embeds if prompt_embeds is not None else self.encode_prompt(prompt)  # type: ignore[arg-type]
+            embeds = embeds.repeat_interleave(num_images_per_prompt).to(self.device, self.dtype)
+            progress.update()
+            # 3. Prepare the noise
+            noise = self.prepare_noise(len(embeds), latent_height, latent_width, generator, latents)
+            # 4. Generate latents in one forward pass
+            result = self.generate_latents(noise, embeds, latent_height, latent_width, truncation_psi)
+            progress.update()
+            # 5. Decode
+            if output_type != "latent":
+                result = self.decode_latents(result)
+            progress.update()
+        # 6. Post-process
+        images = self.postprocess(result, output_type)
+        return Txt2ImgPipelineOutput(images) if return_dict else (images,)
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: PromptEmbeds | None,
+        num_images_per_prompt: int,
+        height: int | None,
+        width: int | None,
+        truncation_psi: float,
+        output_type: str,
+    ) -> tuple[int, int]:
+        """Check a call's arguments; returns the image ``(height, width)``."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass either prompt= or prompt_embeds=, exactly one of them.")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)):
+                raise TypeError(f"prompt must be a string or a list of strings, not {type(prompt).__name__}.")
+            if not prompts:
+                raise ValueError("prompt is an empty list: pass at least one prompt.")
+            bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+            if bad:
+                raise TypeError(f"Every prompt must be a string; got {', '.join(sorted(set(bad)))}.")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        if not isinstance(truncation_psi, (int, float)) or not math.isfinite(truncation_psi):
+            raise ValueError(f"truncation_psi must be a finite number, got {truncation_psi!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {', '.join(OUTPUT_TYPES)}.")
+        sizes = []
+        for name, value in (("height", height), ("width", width)):
+            if value is None:
+                value = self.default_size
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}.")
+            if value % self.size_factor:
+                lower = max(self.size_factor, value - value % self.size_factor)
+                raise ValueError(
+                    f"{name}={value} is not a multiple of this model's factor {self.size_factor}: "
+                    f"try {lower} or {lower + self.size_factor}."
+                )
+            sizes.append(value)
+        return sizes[0], sizes[1]
+
+    def encode_prompt(self, prompt: str | list[str]) -> PromptEmbeds:
+        """Encode prompts with the text encoder (reusable as ``prompt_embeds=``)."""
+        return self.text_encoder.encode([prompt] if isinstance(prompt, str) else list(prompt))
+
+    def prepare_noise(
+        self,
+        batch_size: int,
+        latent_height: int,
+        latent_width: int,
+        generator: GeneratorArg,
+        latents: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The generator's input noise: ``latents`` if given (checked), else drawn from ``generator``."""
+        shape = self.gan.noise_shape(batch_size, latent_height, latent_width)
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise ValueError(f"latents has shape {tuple(latents.shape)}, but this call needs noise of shape {shape}.")
+            return latents.to(self.device, self.dtype)
+        if generator is not None and not isinstance(generator, (torch.Generator, list)):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, not {type(generator).__name__}.")
+        if isinstance(generator, list):
+            if any(not isinstance(g, torch.Generator) for g in generator):
+                raise TypeError("generator list must hold only torch.Generator objects.")
+            if len(generator) != batch_size:
+                raise ValueError(
+                    f"Got {len(generator)} generators for {batch_size} images "
+                    "(prompts × num_images_per_prompt): pass one generator per image, or a single one."
+                )
+        return draw_noise(shape, generator, device=self.device, dtype=self.dtype)
+
+    def generate_latents(
+        self, noise: torch.Tensor, embeds: PromptEmbeds, latent_height: int, latent_width: int, truncation_psi: float
+    ) -> torch.Tensor:
+        """One forward pass of the generator: scaled latents (B, C, h, w)."""
+        return self.gan(
+            noise,
+            embeds.hidden_states,
+            embeds.pooled,
+            embeds.attention_mask,
+            height=latent_height,
+            width=latent_width,
+            truncation_psi=truncation_psi,
+        )
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → images (B, 3, H, W) in [-1, 1]; non-finite values are an error, not a black image."""
+        images = self.vae.decode(latents.to(self.vae.device, self.vae.dtype))
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(
+                f"The decoder produced NaN or infinite values in {self.vae.dtype}; "
+                "load the pipeline with dtype=torch.float32."
+            )
+        return images
+
+    def postprocess(self, images: torch.Tensor, output_type: str) -> list[Image.Image] | np.ndarray | torch.Tensor:
+        """Decoded images (or latents) → the requested ``output_type``."""
+        if output_type == "latent":
+            return images
+        unit = to_unit_range(images)
+        if output_type == "pt":
+            return unit
+        array = to_numpy(unit)
+        return array if output_type == "np" else numpy_to_pil(array)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model_index.json and model cards
+
+
+def read_model_index(root: Path) -> dict[str, Any]:
+    """Read ``root/model_index.json``.
+
+    Raises:
+        OSError: missing or not JSON.
+    """
+    path = root / MODEL_INDEX_NAME
+    if not path.is_file():
+        raise OSError(
+            f"{path} does not exist: a pipeline folder needs a model_index.json and one subfolder per component. "
+            "To load a single component, use its own class (e.g. VAEDecoder.from_pretrained)."
+        )
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise OSError(f"{path} is not valid JSON ({error}).") from error
+    if not isinstance(index, dict):
+        raise OSError(f"{path} must hold a JSON object.")
+    return index
+
+
+def component_class_for(root: Path, index: dict[str, Any], name: str) -> type:
+    """The class ``model_index.json`` names for component ``name``.
+
+    Raises:
+        OSError: the component is not listed.
+        ValueError: the class is not one txt2img knows.
+    """
+    path = root / MODEL_INDEX_NAME
+    entry = index.get(name)
+    if entry is None or entry == [None, None]:
+        raise OSError(f"{path} lists no {name!r} component; pass one as from_pretrained(..., {name}=...).")
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+        raise ValueError(f"{path}: the entry for {name!r} must be [library, class], got {entry!r}.")
+    library, class_name = entry
+    if library != "txt2img" or class_name not in COMPONENT_CLASSES:
+        raise ValueError(
+            f"{path}: component {name!r} is a {library}.{class_name}, which txt2img cannot load; "
+            f"known classes: {sorted(COMPONENT_CLASSES)}."
+        )
+    return COMPONENT_CLASSES[class_name]
+
+
+def model_card(pipe: Txt2ImgPipeline) -> str:
+    """A Hub model card with the front matter the Hub reads and a usage example."""
+    size = pipe.default_size
+    return f"""---
+library_name: txt2img
+pipeline_tag: text-to-image
+tags:
+- txt2img
+- text-to-image
+---
+
+# txt2img pipeline
+
+A one-step text-to-image pipeline for [txt2img](https://pypi.org/project/txt2img/): a text encoder, a
+generator that turns noise and text into latents in a single forward pass, and a VAE decoder.
+Native size: {size} × {size} pixels.
+
+```python
+import torch
+from txt2img import Txt2ImgPipeline
+
+pipe = Txt2ImgPipeline.from_pretrained("path/or/repo-id")
+image = pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0)).images[0]
+image.save("out.png")
+```
+"""

@@ -1,0 +1,300 @@
+"""The text encoder: a transformers tokenizer plus a transformers text model (CLIP first; any encoder works).
+
+On disk a ``TextEncoder`` is a transformers folder, so ``CLIPTextModel.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` read it too: ``config.json`` (the transformers config, with txt2img's own
+settings under the key ``"txt2img"``), ``model.safetensors`` and the tokenizer files. The tokenizer may
+instead sit in a sibling ``tokenizer/`` folder, as in the diffusers layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from txt2img import hub
+from txt2img.modeling import CONFIG_NAME, ModelConfig, read_config_json, weight_files
+from txt2img.placement import resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+TEXT_WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "vocab.txt")
+
+
+@dataclasses.dataclass
+class TextEncoderConfig(ModelConfig):
+    """txt2img's settings of a text encoder (the network's own shape is the transformers config).
+
+    Args:
+        max_length: Tokens per prompt, padding included; ``None``: the tokenizer's ``model_max_length``.
+        clip_skip: Use the hidden states this many layers before the last (then the final layer norm).
+        use_attention_mask: Pass the padding mask to the text model. CLIP models are trained without it
+            (their causal mask already hides the padding from the real tokens).
+    """
+
+    max_length: int | None = None
+    clip_skip: int | None = None
+    use_attention_mask: bool = False
+
+
+@dataclasses.dataclass
+class PromptEmbeds:
+    """Encoded prompts.
+
+    Attributes:
+        hidden_states: (B, L, D) per-token features.
+        pooled: (B, D_pooled) one vector per prompt.
+        attention_mask: (B, L), 1 for real tokens, 0 for padding.
+    """
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def repeat_interleave(self, repeats: int) -> PromptEmbeds:
+        """Each prompt ``repeats`` times in a row: (B, ...) → (B·repeats, ...)."""
+        return PromptEmbeds(*(t.repeat_interleave(repeats, dim=0) for t in dataclasses.astuple(self)))
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> PromptEmbeds:
+        return PromptEmbeds(
+            self.hidden_states.to(device, dtype), self.pooled.to(device, dtype), self.attention_mask.to(device)
+        )
+
+
+class TextEncoder(nn.Module):
+    """Prompts → token features, a pooled vector and the attention mask.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        model: A transformers text model (e.g. ``CLIPTextModel``).
+        config: txt2img's settings (maximum length, ``clip_skip``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel,
+        config: TextEncoderConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model
+        self.config = config or TextEncoderConfig()
+        # The Rust tokenizer is not safe to share between threads ("Already borrowed").
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_length(self) -> int:
+        if self.config.max_length is not None:
+            return self.config.max_length
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 512
+        return int(min(self.tokenizer.model_max_length, limit))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Encoding
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize to ``max_length`` (padded, truncated with a warning that shows the dropped text).
+
+        Returns:
+            ``(input_ids, attention_mask)``, each (B, max_length) int64.
+        """
+        with self._tokenizer_lock:
+            tokens = self.tokenizer(
+                prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )
+            full = self.tokenizer(prompts, padding="longest", return_tensors="pt")
+            if full.input_ids.shape[1] > self.max_length:
+                for i, ids in enumerate(full.input_ids):
+                    n = int(full.attention_mask[i].sum())
+                    if n > self.max_length:
+                        dropped = self.tokenizer.decode(ids[self.max_length - 1 : n - 1], skip_special_tokens=True)
+                        logger.warning(
+                            "Prompt %d is longer than the text encoder's %d tokens; this part was dropped: %r",
+                            i,
+                            self.max_length,
+                            dropped,
+                        )
+        return tokens.input_ids, tokens.attention_mask
+
+    def forward(self, prompts: list[str]) -> PromptEmbeds:
+        return self.encode(prompts)
+
+    def encode(self, prompts: str | list[str]) -> PromptEmbeds:
+        """Encode prompts.
+
+        Args:
+            prompts: A prompt or a list of prompts.
+
+        Returns:
+            :class:`PromptEmbeds` with ``hidden_states`` (B, L, D), ``pooled`` (B, D) and
+            ``attention_mask`` (B, L), on the model's device.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        input_ids, mask = self.tokenize(prompts)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        skip = self.config.clip_skip
+        out = self.model(
+            input_ids,
+            attention_mask=mask if self.config.use_attention_mask else None,
+            output_hidden_states=skip is not None,
+        )
+        hidden = out.last_hidden_state
+        if skip is not None:
+            hidden = out.hidden_states[-(skip + 1)]
+            final_norm = getattr(getattr(self.model, "text_model", self.model), "final_layer_norm", None)
+            if final_norm is not None:
+                hidden = final_norm(hidden)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:  # encoders without a pooler: the mean over the real tokens
+            weights = mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return PromptEmbeds(hidden, pooled, mask)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Saving and loading
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the text model, the tokenizer and txt2img's settings into one transformers folder."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        config["txt2img"] = {"_class_name": "TextEncoder", **self.config.to_dict()}
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+    ) -> TextEncoder:
+        """Load a text encoder from a local folder or a Hub repo.
+
+        Args:
+            name_or_path: A local folder or a Hub repo id.
+            subfolder: The text encoder's folder inside ``name_or_path``, e.g. ``"text_encoder"``.
+            revision: Hub branch, tag or commit sha.
+            cache_dir: Hub cache folder.
+            local_files_only: Make no network request.
+            token: Hub token for private or gated repos.
+            dtype: Weight dtype; default float32.
+            device: Where to put the model; default CPU.
+            torch_dtype: Deprecated name of ``dtype``.
+
+        Returns:
+            The text encoder in eval mode.
+
+        Raises:
+            OSError: missing or corrupt files, weights that do not match the config.
+            ValueError: a config for an unknown architecture.
+        """
+        dtype = resolve_dtype(dtype, torch_dtype)
+        patterns = hub.component_patterns(subfolder)
+        if subfolder:  # the diffusers layout keeps the tokenizer in a sibling folder
+            patterns += hub.component_patterns(str(Path(subfolder).parent / "tokenizer"))
+        folder = hub.resolve_folder(
+            name_or_path,
+            subfolder=subfolder,
+            allow_patterns=patterns,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        data = read_config_json(folder)
+        settings = dict(data.get("txt2img") or {})
+        settings.pop("_class_name", None)
+        config = TextEncoderConfig.from_dict(settings, source=f"{folder / CONFIG_NAME} (key 'txt2img')")
+        model = _load_text_model(folder, data, dtype)
+        tokenizer = _load_tokenizer(folder)
+        return cls(tokenizer, model, config).to(resolve_device(device)).eval()
+
+
+def _model_class(folder: Path, data: dict[str, Any]) -> type[PreTrainedModel]:
+    """The transformers class a config names (``architectures``), else ``AutoModel`` by ``model_type``.
+
+    Only classes of the transformers package itself are used: no code from a model folder is run.
+    """
+    import transformers
+
+    architectures = data.get("architectures") or []
+    for name in architectures:
+        candidate = getattr(transformers, str(name), None)
+        if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
+            return candidate
+    if data.get("model_type") is None:
+        raise ValueError(
+            f"{folder / CONFIG_NAME} names no transformers architecture ('architectures' or 'model_type'): "
+            "a text encoder folder holds a transformers text model."
+        )
+    return transformers.AutoModel  # type: ignore[return-value]
+
+
+def _load_text_model(folder: Path, data: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    """Load the transformers model strictly: missing, unexpected or mis-shaped weights are an error."""
+    model_class = _model_class(folder, data)
+    files = weight_files(folder, TEXT_WEIGHTS_NAME)
+    try:
+        model, info = model_class.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise OSError(f"Could not load the text model in {folder}: {error}") from error
+    problems = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems["error_msgs"] = list(info.get("error_msgs") or [])
+    if any(problems.values()):
+        details = "; ".join(f"{k}: {v[:10]}" for k, v in problems.items() if v)
+        raise OSError(f"The weights in {', '.join(map(str, files))} do not match {folder / CONFIG_NAME}: {details}.")
+    return model
+
+
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    for candidate in (folder, folder.parent / "tokenizer"):
+        if any((candidate / name).is_file() for name in TOKENIZER_FILES):
+            try:
+                return AutoTokenizer.from_pretrained(candidate, local_files_only=True)
+            except (OSError, ValueError) as error:
+                raise OSError(f"Could not load the tokenizer in {candidate}: {error}") from error
+    raise OSError(
+        f"No tokenizer found in {folder} or {folder.parent / 'tokenizer'}: expected tokenizer.json "
+        "(or vocab.json and merges.txt)."
+    )
