@@ -129,7 +129,7 @@ class TextEncoder(nn.Module):
             tokens = self.tokenizer(
                 prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
             )
-            full = self.tokenizer(prompts, padding="longest", return_tensors="pt")
+            full = self.tokenizer(prompts, padding="longest", return_tensors="pt", verbose=False)
             if full.input_ids.shape[1] > self.max_length:
                 for i, ids in enumerate(full.input_ids):
                     n = int(full.attention_mask[i].sum())
@@ -269,13 +269,15 @@ def _model_class(folder: Path, data: dict[str, Any]) -> type[PreTrainedModel]:
 
 def _load_text_model(folder: Path, data: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
     """Load the transformers model strictly: missing, unexpected or mis-shaped weights are an error."""
+    from safetensors import SafetensorError
+
     model_class = _model_class(folder, data)
     files = weight_files(folder, TEXT_WEIGHTS_NAME)
     try:
         model, info = model_class.from_pretrained(
             folder, dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise OSError(f"Could not load the text model in {folder}: {error}") from error
     problems = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems["error_msgs"] = list(info.get("error_msgs") or [])
