@@ -42,11 +42,13 @@ LAST_MODIFIED = "2024-01-01T00:00:00.000Z"
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One request the server received: ``method`` (``"GET"``/``"HEAD"``), decoded ``path``, raw ``query``."""
+    """One request the server received: ``method`` (``"GET"``/``"HEAD"``), decoded ``path``, raw ``query``,
+    and ``headers`` (names lowercased)."""
 
     method: str
     path: str
     query: str = ""
+    headers: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclasses.dataclass
@@ -162,7 +164,9 @@ class HubServer:
         with self._lock:
             self._requests.clear()
 
-    def file_requests(self, repo_id: str | None = None, method: str | None = None) -> list[tuple[str, str, str]]:
+    def file_requests(
+        self, repo_id: str | None = None, method: str | None = None
+    ) -> list[tuple[str, str, str]]:
         """``(repo_id, revision, path)`` of each ``/resolve/`` request (``method``: only GET or only HEAD)."""
         found = []
         for request in self.requests:
@@ -268,7 +272,8 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _handle(self, send_body: bool) -> None:
         split = urlsplit(self.path)
         segments = [unquote(s) for s in split.path.split("/")[1:]]
-        request = Request(self.command, "/" + "/".join(segments), split.query)
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        request = Request(self.command, "/" + "/".join(segments), split.query, headers)
         try:
             self.hub._record(request)
             self._route(segments, parse_qs(split.query), send_body)
@@ -287,7 +292,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                 recursive = query.get("recursive", ["false"])[-1].lower() in {"1", "true"}
                 return self._tree(repo_id, rest[1], "/".join(rest[2:]), recursive, send_body)
         elif len(segments) >= 5 and segments[2] == "resolve":
-            return self._resolve(f"{segments[0]}/{segments[1]}", segments[3], "/".join(segments[4:]), send_body)
+            repo_id, revision, path = f"{segments[0]}/{segments[1]}", segments[3], "/".join(segments[4:])
+            return self._resolve(repo_id, revision, path, send_body)
         self._send_json(404, {"error": "Not Found"}, send_body, error_code=None)
 
     def _find(self, repo_id: str, revision: str, send_body: bool) -> _Revision | None:
@@ -438,7 +444,7 @@ def use_hub(monkeypatch: pytest.MonkeyPatch, endpoint: str, cache_dir: str | Pat
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE_DIR"):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -446,7 +452,8 @@ def use_hub(monkeypatch: pytest.MonkeyPatch, endpoint: str, cache_dir: str | Pat
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    url_template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url_template)
     monkeypatch.setattr(constants, "HF_HOME", str(home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

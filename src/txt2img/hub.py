@@ -150,8 +150,33 @@ def _snapshot(
 
 
 def find_pickle_files(folder: Path) -> list[str]:
-    """Names of pickle weight files in ``folder`` (which txt2img never loads)."""
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+    """Names of pickle weight files (which txt2img never loads) in ``folder``.
+
+    For a folder inside the Hub cache the repo's cached file listing is read too, since pickle files are
+    never downloaded; no request is made.
+    """
+    names = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+    names.update(_cached_listing(folder))
+    return sorted(name for name in names if Path(name).suffix in PICKLE_SUFFIXES)
+
+
+def _cached_listing(folder: Path) -> set[str]:
+    """File names directly in ``folder`` as its Hub repo lists them, for a folder of a cached snapshot
+    (``.../models--org--name/snapshots/<sha>/<sub>``); empty elsewhere or when no listing is cached."""
+    folder = Path(folder)
+    snapshot = next((p for p in (folder, *folder.parents) if p.parent.name == "snapshots"), None)
+    if snapshot is None or not snapshot.parent.parent.name.startswith("models--"):
+        return set()
+    try:
+        from huggingface_hub import get_cached_repo_tree
+
+        repo_id = snapshot.parent.parent.name.removeprefix("models--").replace("--", "/", 1)
+        files = get_cached_repo_tree(repo_id, revision=snapshot.name, cache_dir=snapshot.parent.parent.parent)
+    except Exception:  # noqa: BLE001 - an older huggingface_hub or no cached listing: nothing to add
+        return set()
+    prefix = folder.relative_to(snapshot).as_posix()
+    prefix = "" if prefix == "." else prefix + "/"
+    return {f.path[len(prefix) :] for f in files if f.path.startswith(prefix) and "/" not in f.path[len(prefix) :]}
 
 
 def push_folder(

@@ -146,7 +146,7 @@ def weight_files(folder: Path, weights_name: str) -> list[Path]:
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise OSError(f"{index} is not a valid safetensors index (no 'weight_map').") from error
         return [folder / name for name in sorted(set(weight_map.values()))]
-    pickles = hub.find_pickle_files(folder) if folder.is_dir() else []
+    pickles = hub.find_pickle_files(folder)
     if pickles:
         raise OSError(
             f"{folder} holds only pickle weights ({', '.join(pickles)}), which txt2img never loads because "
@@ -239,6 +239,11 @@ class ModelMixin(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    @classmethod
+    def download_patterns(cls, subfolder: str | None) -> list[str]:
+        """The files to fetch from a Hub repo to load this model from ``subfolder``."""
+        return hub.component_patterns(subfolder)
 
     @classmethod
     def from_config(cls: type[ModelT], config: ModelConfig | dict[str, Any]) -> ModelT:

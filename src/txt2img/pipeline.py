@@ -154,16 +154,13 @@ class Txt2ImgPipeline:
         fetch = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
         root = hub.resolve_folder(name_or_path, allow_patterns=[MODEL_INDEX_NAME], **fetch)
         index = read_model_index(root)
-        needed = [name for name in cls.component_names if name not in components]
+        needed = {name: component_class_for(root, index, name) for name in cls.component_names if name not in components}
         if not Path(name_or_path).expanduser().is_dir() and needed:
             # Fetch the needed components' files at the very commit whose model_index.json was read.
-            patterns = [p for name in needed for p in hub.component_patterns(name)]
-            root = hub.resolve_folder(
-                name_or_path, allow_patterns=patterns, **{**fetch, "revision": root.name}
-            )
+            patterns = [p for name, component_class in needed.items() for p in component_class.download_patterns(name)]
+            root = hub.resolve_folder(name_or_path, allow_patterns=patterns, **{**fetch, "revision": root.name})
         loaded = dict(components)
-        for name in needed:
-            component_class = component_class_for(root, index, name)
+        for name, component_class in needed.items():
             if not (root / name).is_dir():
                 raise OSError(f"{root} has no folder {name!r} for the component {name!r} listed in {MODEL_INDEX_NAME}.")
             loaded[name] = component_class.from_pretrained(root, subfolder=name, dtype=dtype, device=device)

@@ -181,6 +181,15 @@ class TextEncoder(nn.Module):
     # -----------------------------------------------------------------------------------------------------
     # Saving and loading
 
+    @classmethod
+    def download_patterns(cls, subfolder: str | None) -> list[str]:
+        """The files to fetch from a Hub repo: the text encoder's folder and, as in the diffusers layout,
+        a sibling ``tokenizer/`` folder."""
+        patterns = hub.component_patterns(subfolder)
+        if subfolder:
+            patterns += hub.component_patterns((Path(subfolder).parent / "tokenizer").as_posix().removeprefix("./"))
+        return patterns
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write the text model, the tokenizer and txt2img's settings into one transformers folder."""
         folder = Path(save_directory)
@@ -226,13 +235,10 @@ class TextEncoder(nn.Module):
             ValueError: a config for an unknown architecture.
         """
         dtype = resolve_dtype(dtype, torch_dtype)
-        patterns = hub.component_patterns(subfolder)
-        if subfolder:  # the diffusers layout keeps the tokenizer in a sibling folder
-            patterns += hub.component_patterns(str(Path(subfolder).parent / "tokenizer"))
         folder = hub.resolve_folder(
             name_or_path,
             subfolder=subfolder,
-            allow_patterns=patterns,
+            allow_patterns=cls.download_patterns(subfolder),
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
