@@ -206,7 +206,46 @@ def test_text_encoder_folder_is_a_transformers_folder(tmp_path: Path) -> None:
     encoder = make_text_encoder(tmp_path / "vocab")
     encoder.save_pretrained(tmp_path / "te")
     assert_same_state(encoder.model, CLIPTextModel.from_pretrained(tmp_path / "te"))
-    assert AutoTokenizer.from_pretrained(tmp_path / "te")("ab").input_ids == encoder.tokenizer("ab").input_ids
+    ids, mask, _ = encoder.tokenizer(["ab"])
+    assert AutoTokenizer.from_pretrained(tmp_path / "te")("ab").input_ids == ids[0][mask[0].bool()].tolist()
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_native_clip_text_model_equals_transformers(act: str, tmp_path: Path) -> None:
+    import transformers
+
+    from txt2img.clip_text import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=3, max_position_embeddings=16, hidden_act=act, eos_token_id=1)
+    torch.manual_seed(0)
+    reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config.to_dict())).eval()
+    reference.save_pretrained(tmp_path / "ref")
+    ours = CLIPTextModel.from_folder(tmp_path / "ref", json.loads((tmp_path / "ref" / "config.json").read_text()))
+    ids = torch.randint(2, 50, (3, 16))
+    ids[:, 9] = 1  # end-of-text
+    mask = (torch.arange(16) < 10).long().expand(3, -1)
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            a = reference(ids, attention_mask=attention_mask, output_hidden_states=True)
+            b = ours(ids, attention_mask=attention_mask, output_hidden_states=True)
+            torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b.pooler_output, a.pooler_output, atol=1e-5, rtol=1e-5)
+            for x, y in zip(b.hidden_states, a.hidden_states, strict=True):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_native_clip_reads_the_diffusers_key_prefix(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    encoder = make_text_encoder(tmp_path / "vocab")
+    encoder.save_pretrained(tmp_path / "te")
+    path = tmp_path / "te" / "model.safetensors"
+    state = load_file(path)
+    state = {f"text_model.{k}": v for k, v in state.items()}
+    state["text_model.embeddings.position_ids"] = torch.arange(16)[None]
+    save_file(state, path)
+    assert_same_state(encoder.model, TextEncoder.from_pretrained(tmp_path / "te").model)
 
 
 def test_text_encoder_reads_a_sibling_tokenizer_folder(tmp_path: Path) -> None:

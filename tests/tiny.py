@@ -28,7 +28,9 @@ def write_clip_vocab(folder: Path) -> tuple[Path, Path]:
 
 
 def make_text_encoder(folder: Path, seed: int = 0) -> TextEncoder:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    from txt2img.clip_text import CLIPTextConfig, CLIPTextModel
 
     vocab, merges = write_clip_vocab(folder)
     tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=MAX_LENGTH)

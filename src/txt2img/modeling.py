@@ -15,6 +15,7 @@ import os
 import types
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -157,12 +158,17 @@ def weight_files(folder: Path, weights_name: str) -> list[Path]:
     raise OSError(f"{folder} has no weights: expected {weights_name}.")
 
 
-def load_state_dict_strict(files: list[Path], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_state_dict_strict(
+    files: list[Path],
+    expected: dict[str, torch.Tensor],
+    rename: Callable[[str], str | None] | None = None,
+) -> dict[str, torch.Tensor]:
     """Read the tensors of ``files``, checking keys and shapes against ``expected`` before reading any data.
 
     Args:
         files: safetensors files, e.g. from :func:`weight_files`.
         expected: the model's state dict (meta tensors are fine: only names and shapes are used).
+        rename: An explicit key map from the file's names to the model's (``None`` drops a key).
 
     Returns:
         The state dict read from ``files``, in their stored dtype, on the CPU.
@@ -172,14 +178,15 @@ def load_state_dict_strict(files: list[Path], expected: dict[str, torch.Tensor])
     """
     from safetensors import SafetensorError, safe_open
 
+    rename = rename or (lambda key: key)
     shapes: dict[str, tuple[int, ...]] = {}
-    where: dict[str, Path] = {}
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-                    where[key] = path
+                    name = rename(key)
+                    if name is not None:
+                        shapes[name] = tuple(f.get_slice(key).get_shape())
         except (SafetensorError, OSError, ValueError) as error:
             raise OSError(f"{path} is not a valid safetensors file ({error}). Re-download or re-save it.") from error
 
@@ -205,7 +212,9 @@ def load_state_dict_strict(files: list[Path], expected: dict[str, torch.Tensor])
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
-                    state[key] = f.get_tensor(key)
+                    name = rename(key)
+                    if name is not None:
+                        state[name] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise OSError(f"{path} is corrupt ({error}). Re-download or re-save it.") from error
     return state

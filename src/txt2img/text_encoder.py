@@ -1,9 +1,14 @@
-"""The text encoder: a transformers tokenizer plus a transformers text model (CLIP first; any encoder works).
+"""The text encoder: a tokenizer plus a text transformer (CLIP first; any transformers encoder works).
 
 On disk a ``TextEncoder`` is a transformers folder, so ``CLIPTextModel.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` read it too: ``config.json`` (the transformers config, with txt2img's own
 settings under the key ``"txt2img"``), ``model.safetensors`` and the tokenizer files. The tokenizer may
 instead sit in a sibling ``tokenizer/`` folder, as in the diffusers layout.
+
+CLIP text towers (``model_type: clip_text_model``) run on txt2img's own implementation
+(``txt2img.clip_text``, equal to transformers' within float tolerance) and ``tokenizer.json`` files are read
+with the ``tokenizers`` library, so the common path never imports transformers (about 2 s on its own).
+Other encoder architectures load through transformers.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,16 +24,18 @@ import torch
 from torch import nn
 
 from txt2img import hub
+from txt2img.clip_text import CLIPTextModel
 from txt2img.modeling import CONFIG_NAME, ModelConfig, read_config_json, weight_files
 from txt2img.placement import resolve_device, resolve_dtype
+from txt2img.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
 TEXT_WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "vocab.txt")
+NATIVE_MODEL_TYPES = {"clip_text_model": CLIPTextModel}
 
 
 @dataclasses.dataclass
@@ -79,23 +85,19 @@ class TextEncoder(nn.Module):
     """Prompts → token features, a pooled vector and the attention mask.
 
     Args:
-        tokenizer: A transformers tokenizer.
-        model: A transformers text model (e.g. ``CLIPTextModel``).
+        tokenizer: A :class:`txt2img.tokenizer.Tokenizer`, or a transformers fast tokenizer (wrapped).
+        model: A text transformer: txt2img's ``CLIPTextModel`` or a transformers model.
         config: txt2img's settings (maximum length, ``clip_skip``).
     """
 
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        model: PreTrainedModel,
-        config: TextEncoderConfig | None = None,
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer | Any, model: nn.Module, config: TextEncoderConfig | None = None) -> None:
         super().__init__()
+        self.config = config or TextEncoderConfig()
+        if not isinstance(tokenizer, Tokenizer):
+            limit = getattr(model.config, "max_position_embeddings", None) or 512
+            tokenizer = Tokenizer.from_transformers(tokenizer, self.config.max_length or min(tokenizer.model_max_length, limit))
         self.tokenizer = tokenizer
         self.model = model
-        self.config = config or TextEncoderConfig()
-        # The Rust tokenizer is not safe to share between threads ("Already borrowed").
-        self._tokenizer_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -107,10 +109,8 @@ class TextEncoder(nn.Module):
 
     @property
     def max_length(self) -> int:
-        if self.config.max_length is not None:
-            return self.config.max_length
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 512
-        return int(min(self.tokenizer.model_max_length, limit))
+        """Tokens per prompt, padding included."""
+        return self.tokenizer.max_length
 
     @property
     def hidden_size(self) -> int:
@@ -125,23 +125,13 @@ class TextEncoder(nn.Module):
         Returns:
             ``(input_ids, attention_mask)``, each (B, max_length) int64.
         """
-        with self._tokenizer_lock:
-            tokens = self.tokenizer(
-                prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-            )
-            full = self.tokenizer(prompts, padding="longest", return_tensors="pt", verbose=False)
-            if full.input_ids.shape[1] > self.max_length:
-                for i, ids in enumerate(full.input_ids):
-                    n = int(full.attention_mask[i].sum())
-                    if n > self.max_length:
-                        dropped = self.tokenizer.decode(ids[self.max_length - 1 : n - 1], skip_special_tokens=True)
-                        logger.warning(
-                            "Prompt %d is longer than the text encoder's %d tokens; this part was dropped: %r",
-                            i,
-                            self.max_length,
-                            dropped,
-                        )
-        return tokens.input_ids, tokens.attention_mask
+        input_ids, mask, dropped = self.tokenizer(prompts)
+        for i, text in enumerate(dropped):
+            if text:
+                logger.warning(
+                    "Prompt %d is longer than the text encoder's %d tokens; this part was dropped: %r", i, self.max_length, text
+                )
+        return input_ids, mask
 
     def forward(self, prompts: list[str]) -> PromptEmbeds:
         return self.encode(prompts)
@@ -194,7 +184,7 @@ class TextEncoder(nn.Module):
         """Write the text model, the tokenizer and txt2img's settings into one transformers folder."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder, safe_serialization=True)
+        self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         config = json.loads((folder / CONFIG_NAME).read_text())
         config["txt2img"] = {"_class_name": "TextEncoder", **self.config.to_dict()}
@@ -248,8 +238,10 @@ class TextEncoder(nn.Module):
         settings = dict(data.get("txt2img") or {})
         settings.pop("_class_name", None)
         config = TextEncoderConfig.from_dict(settings, source=f"{folder / CONFIG_NAME} (key 'txt2img')")
-        model = _load_text_model(folder, data, dtype)
-        tokenizer = _load_tokenizer(folder)
+        native = NATIVE_MODEL_TYPES.get(str(data.get("model_type")))
+        model = native.from_folder(folder, data, dtype) if native else _load_text_model(folder, data, dtype)
+        limit = int(data.get("max_position_embeddings") or 512)
+        tokenizer = _load_tokenizer(folder, config.max_length, limit)
         return cls(tokenizer, model, config).to(resolve_device(device)).eval()
 
 
@@ -293,15 +285,14 @@ def _load_text_model(folder: Path, data: dict[str, Any], dtype: torch.dtype) -> 
     return model
 
 
-def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
+def _load_tokenizer(folder: Path, max_length: int | None, limit: int) -> Tokenizer:
+    """The tokenizer in ``folder`` or, as in the diffusers layout, in the sibling ``tokenizer/`` folder."""
     for candidate in (folder, folder.parent / "tokenizer"):
-        if any((candidate / name).is_file() for name in TOKENIZER_FILES):
-            try:
-                return AutoTokenizer.from_pretrained(candidate, local_files_only=True)
-            except (OSError, ValueError) as error:
-                raise OSError(f"Could not load the tokenizer in {candidate}: {error}") from error
+        if Tokenizer.holds_tokenizer(candidate):
+            tokenizer = Tokenizer.from_folder(candidate, max_length)
+            if max_length is None and tokenizer.max_length > limit:
+                tokenizer = Tokenizer.from_folder(candidate, limit)
+            return tokenizer
     raise OSError(
         f"No tokenizer found in {folder} or {folder.parent / 'tokenizer'}: expected tokenizer.json "
         "(or vocab.json and merges.txt)."

@@ -1,0 +1,153 @@
+"""Prompts → padded token ids, through the Rust ``tokenizers`` library that every fast Hugging Face
+tokenizer runs on.
+
+A ``tokenizer.json`` is read directly (no transformers import, which alone costs about 2 s); a folder with only
+the older files (``vocab.json`` + ``merges.txt``, ``spiece.model``, ...) is converted once through
+transformers' ``AutoTokenizer``. Padding and truncation are fixed when the tokenizer is made and never
+changed afterwards, so one tokenizer can serve many threads at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import tokenizers
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+LEGACY_FILES = ("vocab.json", "spiece.model", "vocab.txt", "sentencepiece.bpe.model")
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as ``tokenizer_config.json`` writes it: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """A fixed-length tokenizer.
+
+    Args:
+        backend: The ``tokenizers.Tokenizer`` (its post-processor adds start/end tokens).
+        max_length: Tokens per prompt, special tokens and padding included.
+        config: ``tokenizer_config.json`` values to keep (special tokens, ``model_max_length``, class).
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, max_length: int, config: dict[str, Any] | None = None) -> None:
+        import tokenizers
+
+        self.config = dict(config or {})
+        self.max_length = max_length
+        self.backend = tokenizers.Tokenizer.from_str(backend.to_str())  # a private copy: its settings are ours
+        pad = _token_text(self.config.get("pad_token")) or _token_text(self.config.get("eos_token"))
+        pad_id = self.backend.token_to_id(pad) if pad is not None else None
+        if pad_id is None:
+            raise ValueError(f"The tokenizer has no padding token ({pad!r}): set 'pad_token' in its tokenizer_config.json.")
+        self.backend.enable_truncation(max_length)
+        self.backend.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, name: str) -> int | None:
+        """The id of a special token by its role (``"bos_token"``, ``"eos_token"``, ``"pad_token"``, ``"unk_token"``)."""
+        text = _token_text(self.config.get(name))
+        return None if text is None else self.backend.token_to_id(text)
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Tokenize to ``max_length``.
+
+        Returns:
+            ``(input_ids, attention_mask, dropped)``: (B, max_length) int64 tensors, and per prompt the text
+            cut off by truncation (empty when it fitted).
+        """
+        encodings = self.backend.encode_batch(prompts)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        dropped = [" ".join(self.backend.decode(o.ids, skip_special_tokens=True) for o in e.overflowing).strip() for e in encodings]
+        return ids, mask, dropped
+
+    # -----------------------------------------------------------------------------------------------------
+    # Files
+
+    def save_pretrained(self, folder: Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (which transformers' AutoTokenizer also reads)."""
+        import tokenizers
+
+        folder.mkdir(parents=True, exist_ok=True)
+        plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        plain.no_padding()
+        plain.no_truncation()
+        plain.save(str(folder / TOKENIZER_FILE))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
+        (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    @staticmethod
+    def holds_tokenizer(folder: Path) -> bool:
+        return any((folder / name).is_file() for name in (TOKENIZER_FILE, *LEGACY_FILES))
+
+    @classmethod
+    def from_folder(cls, folder: Path, max_length: int | None = None) -> Tokenizer:
+        """Load the tokenizer in ``folder``.
+
+        Args:
+            folder: Holds ``tokenizer.json`` (read directly) or older tokenizer files (converted through
+                transformers).
+            max_length: Tokens per prompt; default ``model_max_length`` from ``tokenizer_config.json``.
+
+        Raises:
+            OSError: no tokenizer, or files it cannot read.
+        """
+        config: dict[str, Any] = {}
+        config_path = folder / TOKENIZER_CONFIG_FILE
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as error:
+                raise OSError(f"{config_path} is not valid JSON ({error}).") from error
+        if (folder / TOKENIZER_FILE).is_file():
+            import tokenizers
+
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+            except Exception as error:  # noqa: BLE001 - the Rust library raises its own exception type
+                raise OSError(f"{folder / TOKENIZER_FILE} is not a valid tokenizer file ({error}).") from error
+        elif any((folder / name).is_file() for name in LEGACY_FILES):
+            backend, config = _convert_with_transformers(folder, config)
+        else:
+            raise OSError(f"No tokenizer in {folder}: expected tokenizer.json (or vocab.json and merges.txt).")
+        config = {k: v for k, v in config.items() if k in (*SPECIAL_TOKEN_KEYS, "model_max_length")}
+        length = max_length or int(config.get("model_max_length") or 77)
+        try:
+            return cls(backend, length, config)
+        except ValueError as error:
+            raise OSError(f"The tokenizer in {folder} cannot pad: {error}") from error
+
+    @classmethod
+    def from_transformers(cls, tokenizer: Any, max_length: int | None = None) -> Tokenizer:
+        """Wrap a transformers fast tokenizer (e.g. ``CLIPTokenizer``, ``PreTrainedTokenizerFast``)."""
+        config: dict[str, Any] = {key: getattr(tokenizer, key, None) for key in SPECIAL_TOKEN_KEYS}
+        config = {k: str(v) for k, v in config.items() if v is not None}
+        config["model_max_length"] = int(min(tokenizer.model_max_length, 1_000_000))
+        return cls(tokenizer.backend_tokenizer, max_length or config["model_max_length"], config)
+
+
+def _convert_with_transformers(folder: Path, config: dict[str, Any]) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise OSError(f"Could not load the tokenizer in {folder}: {error}") from error
+    wrapped = Tokenizer.from_transformers(tokenizer)
+    return wrapped.backend, {**config, **wrapped.config}
