@@ -1,0 +1,33 @@
+"""``python -m txt2img.training shapes --out DIR``: reproduce the embedded default model from scratch."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m txt2img.training", description="Train txt2img models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    shapes = commands.add_parser("shapes", help="train the Shapes-64 model that txt2img embeds")
+    shapes.add_argument("--out", required=True, help="output folder; the pipeline goes to OUT/model")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    shapes.add_argument("--tiny", action="store_true", help="a few steps on small networks (a smoke test)")
+    shapes.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from txt2img.training.recipe import ShapesRecipe, run
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    recipe = ShapesRecipe.tiny(args.seed) if args.tiny else ShapesRecipe(seed=args.seed)
+    start = time.perf_counter()
+    model = run(recipe, args.out, progress=not args.quiet, resume=args.resume)
+    print(f"wrote {model} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

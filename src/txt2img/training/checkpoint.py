@@ -1,0 +1,82 @@
+"""Training checkpoints without pickle: tensors in one safetensors file, everything else in JSON.
+
+A checkpoint folder holds ``tensors.safetensors`` (every module's state and every optimizer's per-parameter
+state, under prefixed keys) and ``state.json`` (the step, the optimizers' hyper-parameters, any extra
+values). Resuming loads both back strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def save_checkpoint(
+    folder: str | os.PathLike,
+    *,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    extra: dict[str, Any],
+) -> None:
+    """Write modules, optimizers and JSON-able ``extra`` values into ``folder`` (atomically: temp, then rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[str, Any] = {}
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"module.{name}.{key}"] = value.detach().cpu().contiguous()
+    for name, optimizer in optimizers.items():
+        state = optimizer.state_dict()
+        groups[name] = state["param_groups"]
+        for index, param_state in state["state"].items():
+            for key, value in param_state.items():
+                value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                tensors[f"optim.{name}.{index}.{key}"] = value.detach().cpu().contiguous()
+    save_file(tensors, str(tmp / "tensors.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"param_groups": groups, "extra": extra}, indent=2))
+    if folder.exists():
+        for child in folder.iterdir():
+            child.unlink()
+        folder.rmdir()
+    tmp.rename(folder)
+
+
+def load_checkpoint(
+    folder: str | os.PathLike,
+    *,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> dict[str, Any]:
+    """Load what :func:`save_checkpoint` wrote into ``modules`` and ``optimizers``; returns ``extra``.
+
+    Raises:
+        OSError: the folder or one of its files is missing.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "tensors.safetensors").is_file() or not (folder / "state.json").is_file():
+        raise OSError(f"{folder} is not a txt2img training checkpoint (tensors.safetensors + state.json).")
+    tensors = load_file(str(folder / "tensors.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    for name, module in modules.items():
+        prefix = f"module.{name}."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    for name, optimizer in optimizers.items():
+        prefix = f"optim.{name}."
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                index, field = key[len(prefix) :].split(".", 1)
+                state.setdefault(int(index), {})[field] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
+    return meta["extra"]

@@ -1,0 +1,171 @@
+"""The text encoder of a model trained here: a small ``CLIPTextModel`` with a word-level tokenizer, trained
+with the CLIP objective (Radford et al. 2021) against a small encoder of *latent* images, then frozen.
+
+Training against latents rather than pixels keeps it cheap and gives the GAN trainer a text–latent
+similarity it can use as an extra loss (GigaGAN's CLIP loss, in latent space).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from txt2img.clip_text import CLIPTextConfig, CLIPTextModel
+from txt2img.text_encoder import TextEncoder, TextEncoderConfig
+from txt2img.tokenizer import Tokenizer
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")  # [EOS] must not get id 2: CLIP treats that id as legacy
+
+
+def build_word_tokenizer(words: Iterable[str], max_length: int) -> Tokenizer:
+    """A word-level tokenizer (lower-cased, split on whitespace and punctuation) with BOS/EOS and padding,
+    saved as ``tokenizer.json``."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, normalizers, pre_tokenizers, processors
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for word in sorted({w.lower() for w in words}):
+        vocab.setdefault(word, len(vocab))
+    backend = Backend(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
+    )
+    config = {"bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]", "model_max_length": max_length}
+    return Tokenizer(backend, max_length, config)
+
+
+@dataclasses.dataclass
+class TextEncoderShape:
+    """Args:
+    hidden_size: Width of the transformer.
+    layers: Transformer layers.
+    heads: Attention heads.
+    max_length: Tokens per prompt, BOS and EOS included.
+    """
+
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 20
+
+
+def build_text_encoder(words: Iterable[str], shape: TextEncoderShape, seed: int = 0) -> TextEncoder:
+    """A freshly initialised CLIP text encoder with a word-level tokenizer over ``words``."""
+    tokenizer = build_word_tokenizer(words, shape.max_length)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.hidden_size * 4,
+        num_attention_heads=shape.heads,
+        num_hidden_layers=shape.layers,
+        max_position_embeddings=shape.max_length,
+        pad_token_id=tokenizer.token_id("pad_token"),
+        bos_token_id=tokenizer.token_id("bos_token"),
+        eos_token_id=tokenizer.token_id("eos_token"),
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    return TextEncoder(tokenizer, CLIPTextModel(config), TextEncoderConfig(max_length=shape.max_length))
+
+
+class LatentImageEncoder(nn.Module):
+    """Latents (B, C, 16, 16) → embeddings (B, dim): three stride-2 convolutions and a linear head."""
+
+    def __init__(self, latent_channels: int, dim: int, width: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(latent_channels, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width * 2, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width * 2, width * 2, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width * 2, width * 4, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Flatten(),
+            nn.LazyLinear(dim),
+        )
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.net(latents)
+
+
+class LatentCLIP(nn.Module):
+    """The text encoder's pooled vector and a latent-image encoder, projected into one space of ``dim``."""
+
+    def __init__(self, text_encoder: TextEncoder, latent_channels: int, dim: int = 128) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.text_projection = nn.Linear(text_encoder.hidden_size, dim, bias=False)
+        self.image_encoder = LatentImageEncoder(latent_channels, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), as CLIP
+
+    def embed_text(self, prompts: list[str]) -> torch.Tensor:
+        """(B,) prompts → unit vectors (B, dim)."""
+        return F.normalize(self.text_projection(self.text_encoder.encode(prompts).pooled), dim=-1)
+
+    def embed_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) → unit vectors (B, dim)."""
+        return F.normalize(self.image_encoder(latents), dim=-1)
+
+
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over a batch of matching (text, image) unit vectors (B, D).
+
+    ``same`` (B, B) marks pairs whose captions are identical: they are not counted as negatives.
+    """
+    logits = logit_scale.exp().clamp(max=100) * text @ image.t()
+    if same is not None:
+        logits = logits.masked_fill(same & ~torch.eye(len(text), dtype=torch.bool), float("-inf"))
+    target = torch.arange(len(text))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+@dataclasses.dataclass
+class CLIPTrainingConfig:
+    """Args:
+    steps: Optimizer steps.
+    lr: AdamW learning rate (cosine-decayed to 10%).
+    """
+
+    steps: int = 1500
+    lr: float = 1e-3
+
+
+def train_latent_clip(
+    clip: LatentCLIP,
+    training: CLIPTrainingConfig,
+    batches: Iterator[tuple[torch.Tensor, list[str]]],
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> LatentCLIP:
+    """Train text and latent-image encoders contrastively on (latents (B, C, h, w), captions) batches.
+
+    Returns:
+        ``clip``, trained, in eval mode with gradients off.
+    """
+    torch.manual_seed(seed)
+    latents, captions = next(batches)
+    clip.image_encoder(latents[:1])  # materialise the lazy layer before making the optimizer
+    clip.train()
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=training.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, training.steps, eta_min=training.lr * 0.1)
+    bar = tqdm(range(training.steps), desc="text encoder (CLIP)", disable=not progress)
+    for _ in bar:
+        latents, captions = next(batches)
+        same = torch.tensor([[a == b for b in captions] for a in captions])
+        loss = contrastive_loss(clip.embed_text(captions), clip.embed_latents(latents), clip.logit_scale, same)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return clip.eval().requires_grad_(False)

@@ -1,0 +1,281 @@
+"""Training the native ``GANGenerator`` in a VAE's latent space.
+
+The recipe, with where each part comes from:
+- a discriminator conditioned on the text by projection (Miyato & Koyama 2018): logit = ψ(φ(x)) + ⟨e(t), φ(x)⟩;
+- the hinge loss (Lim & Ye 2017), and real images under *mismatched* captions as extra fakes, so the
+  discriminator checks the text, not only realism (GigaGAN's matching-aware loss, Kang et al. 2023 §3.3);
+- the R1 penalty on real data (Mescheder et al. 2018), applied lazily every ``r1_every`` steps (StyleGAN2);
+- differentiable augmentation of reals and fakes alike (Zhao et al. 2020), limited to what keeps a caption
+  true: shifts of at most ``augment_shift`` latent pixels and additive noise;
+- a text–latent similarity loss for the generator from the frozen latent CLIP (GigaGAN's CLIP loss);
+- an exponential moving average of the generator's weights: the EMA weights are the ones shipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from txt2img.gan import GANGenerator
+from txt2img.text_encoder import PromptEmbeds
+from txt2img.training.checkpoint import load_checkpoint, save_checkpoint
+from txt2img.training.clip import LatentCLIP, contrastive_loss
+
+
+@dataclasses.dataclass
+class GANTrainingConfig:
+    """Args:
+    steps: Optimizer steps of each network.
+    batch_size: Images per step.
+    lr_g: Generator learning rate (its layers use equalised learning rates).
+    lr_d: Discriminator learning rate.
+    r1_gamma: Weight γ of the R1 penalty γ/2 ‖∇D(x)‖².
+    r1_every: Apply R1 every this many steps (scaled up to match).
+    mismatch_weight: Weight of real images with mismatched captions as fakes.
+    clip_weight: Weight of the generator's text–latent contrastive loss.
+    ema_half_life: EMA half-life in images.
+    augment_p: Probability of shifting each sample (reals and fakes alike).
+    augment_shift: Largest shift in latent pixels.
+    augment_noise: Std of the noise added to every discriminator input.
+    sample_every: Write a sample grid every this many steps (0: never).
+    checkpoint_every: Write a checkpoint every this many steps (0: never).
+    """
+
+    steps: int = 3000
+    batch_size: int = 64
+    lr_g: float = 2e-3
+    lr_d: float = 1e-3
+    r1_gamma: float = 0.1
+    r1_every: int = 4
+    mismatch_weight: float = 1.0
+    clip_weight: float = 1.0
+    ema_half_life: float = 10_000.0
+    augment_p: float = 0.5
+    augment_shift: int = 1
+    augment_noise: float = 0.05
+    sample_every: int = 500
+    checkpoint_every: int = 500
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discriminator
+
+
+class DiscriminatorBlock(nn.Module):
+    """Two 3×3 convs with a residual 1×1 path, then ×½ average pooling. (B, C_in, H, W) → (B, C_out, H/2, W/2)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.leaky_relu(self.conv0(F.leaky_relu(x, 0.2)), 0.2))
+        return F.avg_pool2d(h + self.skip(x), 2) / 2**0.5
+
+
+class ProjectionDiscriminator(nn.Module):
+    """Latents (B, C, S, S) and pooled text (B, text_dim) → one logit per sample (B,).
+
+    The final features keep their spatial layout (flattened, not pooled), so the discriminator can check
+    where things are as well as what they are.
+    """
+
+    def __init__(self, latent_channels: int, text_dim: int, size: int, width: int = 64, features: int = 256) -> None:
+        super().__init__()
+        self.from_latent = nn.Conv2d(latent_channels, width, 1)
+        self.blocks = nn.Sequential(DiscriminatorBlock(width, width * 2), DiscriminatorBlock(width * 2, width * 4))
+        self.to_features = nn.Linear(width * 4 * (size // 4) ** 2, features)
+        self.out = nn.Linear(features, 1)
+        self.embed_text = nn.Linear(text_dim, features)
+
+    def forward(self, latents: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.from_latent(latents)).flatten(1)
+        h = F.leaky_relu(self.to_features(F.leaky_relu(h, 0.2)), 0.2)  # (B, features)
+        return self.out(h).squeeze(1) + (self.embed_text(pooled) * h).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses and augmentation (pure functions)
+
+
+def d_hinge_loss(real: torch.Tensor, fake: torch.Tensor, mismatched: torch.Tensor, mismatch_weight: float) -> torch.Tensor:
+    """Hinge loss of the discriminator: reals above +1; fakes and mismatched reals below -1."""
+    return F.relu(1 - real).mean() + F.relu(1 + fake).mean() + mismatch_weight * F.relu(1 + mismatched).mean()
+
+
+def g_hinge_loss(fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the generator: raise the discriminator's logits on fakes."""
+    return -fake.mean()
+
+
+def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """‖∇ₓ D(x)‖², averaged over the batch, for ``inputs`` that require grad."""
+    (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
+    return grad.square().sum(dim=(1, 2, 3)).mean()
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, *, p: float, max_shift: int, noise: float) -> torch.Tensor:
+    """Differentiable augmentation that keeps captions true: each sample shifted by up to ``max_shift``
+    pixels with probability ``p`` (edges replicated), then Gaussian noise of std ``noise``. (B, C, H, W)."""
+    b, _, h, w = x.shape
+    if max_shift > 0 and p > 0:
+        shifts = torch.randint(-max_shift, max_shift + 1, (2, b), generator=generator)
+        shifts = shifts * (torch.rand(b, generator=generator) < p)
+        padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+        rows = (torch.arange(h)[None, :] + max_shift - shifts[0][:, None]).to(x.device)  # (B, H)
+        cols = (torch.arange(w)[None, :] + max_shift - shifts[1][:, None]).to(x.device)  # (B, W)
+        index = torch.arange(b, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if noise > 0:
+        x = x + noise * torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+    return x
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · model, for parameters and buffers."""
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m, 1.0 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        e.copy_(m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class GANTrainingState:
+    """What a training run holds: the networks, their optimizers and the step reached."""
+
+    generator: GANGenerator
+    generator_ema: GANGenerator
+    discriminator: ProjectionDiscriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    step: int = 0
+
+    def save(self, folder: str | os.PathLike) -> None:
+        save_checkpoint(folder, modules=self._modules(), optimizers={"g": self.opt_g, "d": self.opt_d}, extra={"step": self.step})
+
+    def load(self, folder: str | os.PathLike) -> None:
+        extra = load_checkpoint(folder, modules=self._modules(), optimizers={"g": self.opt_g, "d": self.opt_d})
+        self.step = int(extra["step"])
+
+    def _modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "generator_ema": self.generator_ema, "discriminator": self.discriminator}
+
+
+def make_state(generator: GANGenerator, training: GANTrainingConfig, *, size: int) -> GANTrainingState:
+    """Fresh networks and optimizers around ``generator`` (Adam, β = (0, 0.99), as StyleGAN2)."""
+    config = generator.config
+    discriminator = ProjectionDiscriminator(config.latent_channels, config.pooled_dim, size)
+    return GANTrainingState(
+        generator=generator.train(),
+        generator_ema=copy.deepcopy(generator).eval().requires_grad_(False),
+        discriminator=discriminator.train(),
+        opt_g=torch.optim.Adam(generator.parameters(), lr=training.lr_g, betas=(0.0, 0.99)),
+        opt_d=torch.optim.Adam(discriminator.parameters(), lr=training.lr_d, betas=(0.0, 0.99)),
+    )
+
+
+def train_gan(
+    state: GANTrainingState,
+    training: GANTrainingConfig,
+    batches: Iterator[tuple[torch.Tensor, list[str]]],
+    clip: LatentCLIP,
+    *,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    sample_fn: Callable[[GANGenerator, Path], None] | None = None,
+    progress: bool = True,
+) -> GANTrainingState:
+    """Train until ``training.steps``, resuming from ``state.step``.
+
+    Args:
+        state: Networks and optimizers (``make_state``, possibly loaded from a checkpoint).
+        training: Hyper-parameters.
+        batches: An endless iterator of (scaled latents (B, C, S, S), captions).
+        clip: The frozen latent CLIP; its text encoder also conditions the generator.
+        seed: Seed of the noise, augmentation and mismatch draws (offset by the step when resuming).
+        out_dir: Where checkpoints (``checkpoint/``) and sample grids (``samples/``) go.
+        sample_fn: Writes a sample grid for the EMA generator into the given PNG path.
+        progress: Show a tqdm bar with the running losses.
+
+    Returns:
+        ``state``, trained.
+    """
+    torch.manual_seed(seed + state.step)
+    rng = torch.Generator().manual_seed(seed + 1 + state.step)
+    out = Path(out_dir) if out_dir is not None else None
+    g, d = state.generator, state.discriminator
+    text_encoder = clip.text_encoder
+    decay = 0.5 ** (training.batch_size / training.ema_half_life)
+
+    def aug(x: torch.Tensor) -> torch.Tensor:
+        return augment(x, rng, p=training.augment_p, max_shift=training.augment_shift, noise=training.augment_noise)
+
+    bar = tqdm(range(state.step, training.steps), desc="gan", disable=not progress, initial=state.step, total=training.steps)
+    for step in bar:
+        real, captions = next(batches)
+        with torch.no_grad():
+            text = text_encoder.encode(captions)
+            clip_text = F.normalize(clip.text_projection(text.pooled), dim=-1)
+        b = real.shape[0]
+        z = torch.randn(b, g.config.z_dim)
+
+        # Discriminator: reals up, fakes and mismatched reals down, R1 on reals every r1_every steps.
+        with torch.no_grad():
+            fake = generate(g, z, text)
+        mismatched_pooled = text.pooled.roll(1, dims=0)
+        r1_step = training.r1_every > 0 and step % training.r1_every == 0
+        real_in = aug(real).detach().requires_grad_(r1_step)
+        logits = d(torch.cat([real_in, aug(fake), aug(real)]), torch.cat([text.pooled, text.pooled, mismatched_pooled]))
+        real_logits, fake_logits, mismatch_logits = logits.split(b)
+        loss_d = d_hinge_loss(real_logits, fake_logits, mismatch_logits, training.mismatch_weight)
+        if r1_step:
+            loss_d = loss_d + training.r1_gamma / 2 * r1_penalty(real_logits, real_in) * training.r1_every
+        state.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        state.opt_d.step()
+
+        # Generator: fool the discriminator, and match the text under the frozen latent CLIP.
+        d.requires_grad_(False)
+        fake = generate(g, z, text)
+        loss_adv = g_hinge_loss(d(aug(fake), text.pooled))
+        loss_clip = contrastive_loss(clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions))
+        loss_g = loss_adv + training.clip_weight * loss_clip
+        state.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        state.opt_g.step()
+        d.requires_grad_(True)
+
+        update_ema(state.generator_ema, g, decay)
+        state.step = step + 1
+        bar.set_postfix(d=f"{loss_d.item():.3f}", g=f"{loss_adv.item():.3f}", clip=f"{loss_clip.item():.3f}")
+        if out is not None and sample_fn is not None and training.sample_every and state.step % training.sample_every == 0:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            sample_fn(state.generator_ema, out / "samples" / f"step-{state.step:06d}.png")
+        if out is not None and training.checkpoint_every and state.step % training.checkpoint_every == 0:
+            state.save(out / "checkpoint")
+    return state
+
+
+def generate(generator: GANGenerator, z: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
+    """Scaled latents for noise ``z`` and encoded prompts ``text``."""
+    return generator(z, text.hidden_states, text.pooled, text.attention_mask)
+
+
+def same_captions(captions: list[str]) -> torch.Tensor:
+    """(B, B) True where two captions of the batch are identical."""
+    return torch.tensor([[a == b for b in captions] for a in captions])

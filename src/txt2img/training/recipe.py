@@ -1,0 +1,222 @@
+"""The recipe that makes the embedded default model from nothing: Shapes-64 data, then a VAE, a text encoder
+and a GAN, each trained on the CPU in turn, then saved as an ordinary ``Txt2ImgPipeline`` folder.
+
+    python -m txt2img.training shapes --out DIR [--seed 0]
+
+Stages and what each one hands on:
+1. VAE: 64 × 64 images ↔ 16 × 16 × 4 latents; fitted ``shift_factor``/``scaling_factor``.
+2. Latent pool: ``pool_size`` renderings (held-out pairs excluded) encoded once to scaled latents.
+3. Text encoder: a word-level CLIP text model trained against a latent-image encoder on the pool.
+4. GAN: the native generator trained on the pool with the frozen text encoder (``gan_training``).
+5. Save: text encoder + EMA generator + VAE decoder as a pipeline folder (``DIR/model``), the VAE encoder
+   beside it (``DIR/vae_encoder``), sample grids in ``DIR/samples``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from txt2img.gan import GANConfig, GANGenerator
+from txt2img.pipeline import Txt2ImgPipeline
+from txt2img.training import shapes
+from txt2img.training.clip import CLIPTrainingConfig, LatentCLIP, TextEncoderShape, build_text_encoder, train_latent_clip
+from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
+from txt2img.training.vae_training import VAETrainingConfig, train_vae
+from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
+
+SAMPLE_PROMPTS = (
+    "a large red circle in the top left corner on a blue background",
+    "a small yellow triangle in the center on a black background",
+    "a large white square at the bottom on a green background",
+    "a small blue circle on the right on a yellow background",
+    "a large green triangle in the bottom right corner on a purple background",
+    "a small black square at the top on an orange background",
+    "a large purple triangle on the left on a white background",  # held out
+    "a small orange circle in the top right corner on a red background",  # held out
+)
+
+
+@dataclasses.dataclass
+class ShapesRecipe:
+    """Every setting of a training run; the defaults make the shipped model.
+
+    Args:
+        seed: Seeds every stage.
+        pool_size: Renderings encoded once for the text-encoder and GAN stages.
+        vae_batch_size: Images per VAE step (rendered fresh each step).
+        clip_batch_size: Pairs per contrastive step.
+        vae: Shape of the autoencoder.
+        text: Shape of the text encoder.
+        gan: Shape of the generator (its text sizes follow ``text``).
+        vae_training, clip_training, gan_training: Each stage's optimisation settings.
+    """
+
+    seed: int = 0
+    pool_size: int = 20_000
+    vae_batch_size: int = 24
+    clip_batch_size: int = 256
+    vae: VAEConfig = dataclasses.field(
+        default_factory=lambda: VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
+    )
+    text: TextEncoderShape = dataclasses.field(default_factory=TextEncoderShape)
+    gan: GANConfig = dataclasses.field(
+        default_factory=lambda: GANConfig(z_dim=64, w_dim=256, channels=(256, 128, 64), attention=(True, True, False))
+    )
+    vae_training: VAETrainingConfig = dataclasses.field(default_factory=lambda: VAETrainingConfig(steps=1000))
+    clip_training: CLIPTrainingConfig = dataclasses.field(default_factory=lambda: CLIPTrainingConfig(steps=1000))
+    gan_training: GANTrainingConfig = dataclasses.field(default_factory=GANTrainingConfig)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> ShapesRecipe:
+        """A few steps of every stage on small networks: for tests and smoke runs (about a minute)."""
+        return cls(
+            seed=seed,
+            pool_size=256,
+            vae_batch_size=8,
+            clip_batch_size=32,
+            vae=VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64),
+            text=TextEncoderShape(hidden_size=32, layers=1, heads=2),
+            gan=GANConfig(z_dim=16, w_dim=32, channels=(32, 16, 16), attention=(True, False, False), attention_heads=2),
+            vae_training=VAETrainingConfig(steps=20),
+            clip_training=CLIPTrainingConfig(steps=20),
+            gan_training=GANTrainingConfig(steps=20, batch_size=16, sample_every=10, checkpoint_every=10),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def vocabulary() -> list[str]:
+    """Every word a Shapes-64 caption can use."""
+    words = {"a", "an", "on", "background", *shapes.SHAPES, *shapes.SIZES, *shapes.PALETTE}
+    for phrase in shapes.POSITIONS:
+        words.update(phrase.split())
+    words.add(",")
+    return sorted(words)
+
+
+def image_batches(rng: np.random.Generator, batch_size: int) -> Iterator[torch.Tensor]:
+    """Fresh training renderings (B, 3, 64, 64) in [-1, 1], held-out pairs excluded."""
+    while True:
+        yield shapes.sample_batch(rng, batch_size)[0]
+
+
+@dataclasses.dataclass
+class LatentPool:
+    """Renderings encoded once: ``latents`` (N, C, 16, 16) scaled, and the ``specs`` they were drawn from."""
+
+    latents: torch.Tensor
+    specs: list[shapes.ShapeSpec]
+
+    def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """Random (latents, captions) batches; each caption is freshly varied around its image."""
+        while True:
+            index = rng.integers(len(self.specs), size=batch_size)
+            yield self.latents[torch.from_numpy(index)], [shapes.varied_caption(self.specs[i], rng) for i in index]
+
+
+@torch.no_grad()
+def encode_pool(encoder: VAEEncoder, rng: np.random.Generator, size: int, batch_size: int = 256) -> LatentPool:
+    """Render ``size`` training images and encode them to scaled latents (posterior means)."""
+    config = encoder.config
+    latents, specs = [], []
+    for start in range(0, size, batch_size):
+        images, _, batch_specs = shapes.sample_batch(rng, min(batch_size, size - start))
+        mean, _ = encoder.encode(images.contiguous(memory_format=torch.channels_last))
+        latents.append((mean - (config.shift_factor or 0.0)) * config.scaling_factor)
+        specs.extend(batch_specs)
+    return LatentPool(torch.cat(latents).contiguous(), specs)
+
+
+def grid(images: np.ndarray, cols: int) -> Image.Image:
+    """(B, H, W, 3) uint8 images → one PIL grid, ``cols`` wide."""
+    b, h, w, _ = images.shape
+    rows = -(-b // cols)
+    canvas = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        canvas[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = image
+    return Image.fromarray(canvas)
+
+
+def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume: bool = False) -> Path:
+    """Train every stage and save the pipeline.
+
+    Args:
+        recipe: The settings.
+        out: Output folder (created).
+        progress: Show tqdm bars.
+        resume: Continue the GAN stage from ``out/checkpoint`` (earlier stages are reloaded from ``out``).
+
+    Returns:
+        The saved pipeline folder, ``out/model``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    timings: dict[str, float] = {}
+    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+
+    # 1. VAE
+    start = time.perf_counter()
+    if resume and (out / "vae_encoder").is_dir():
+        encoder = VAEEncoder.from_pretrained(out / "vae_encoder")
+        decoder = VAEDecoder.from_pretrained(out / "vae")
+    else:
+        rng = np.random.default_rng([recipe.seed, 1])
+        encoder, decoder = train_vae(recipe.vae, recipe.vae_training, image_batches(rng, recipe.vae_batch_size), seed=recipe.seed, progress=progress)
+        encoder.save_pretrained(out / "vae_encoder")
+        decoder.save_pretrained(out / "vae")
+    timings["vae"] = time.perf_counter() - start
+
+    # 2. Latent pool
+    start = time.perf_counter()
+    pool = encode_pool(encoder, np.random.default_rng([recipe.seed, 2]), recipe.pool_size)
+    timings["pool"] = time.perf_counter() - start
+
+    # 3. Text encoder
+    start = time.perf_counter()
+    text_encoder = build_text_encoder(vocabulary(), recipe.text, seed=recipe.seed)
+    clip = LatentCLIP(text_encoder, recipe.vae.latent_channels)
+    rng = np.random.default_rng([recipe.seed, 3])
+    clip = train_latent_clip(clip, recipe.clip_training, pool.batches(rng, recipe.clip_batch_size), seed=recipe.seed, progress=progress)
+    timings["text_encoder"] = time.perf_counter() - start
+
+    # 4. GAN
+    start = time.perf_counter()
+    gan_config = dataclasses.replace(
+        recipe.gan, latent_channels=recipe.vae.latent_channels, text_dim=recipe.text.hidden_size, pooled_dim=recipe.text.hidden_size
+    )
+    torch.manual_seed(recipe.seed)
+    state = make_state(GANGenerator(gan_config), recipe.gan_training, size=pool.latents.shape[-1])
+    if resume and (out / "checkpoint").is_dir():
+        state.load(out / "checkpoint")
+    sample_noise = torch.randn(len(SAMPLE_PROMPTS) * 4, gan_config.z_dim, generator=torch.Generator().manual_seed(recipe.seed))
+
+    @torch.no_grad()
+    def write_samples(generator: GANGenerator, path: Path) -> None:
+        prompts = [p for p in SAMPLE_PROMPTS for _ in range(4)]
+        text = text_encoder.encode(prompts)
+        latents = generator(sample_noise, text.hidden_states, text.pooled, text.attention_mask)
+        images = ((decoder.decode(latents) / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        grid(images, cols=8).save(path)
+
+    rng = np.random.default_rng([recipe.seed, 4])
+    batches = pool.batches(rng, recipe.gan_training.batch_size)
+    state = train_gan(state, recipe.gan_training, batches, clip, seed=recipe.seed, out_dir=out, sample_fn=write_samples, progress=progress)
+    timings["gan"] = time.perf_counter() - start
+
+    # 5. Save
+    pipe = Txt2ImgPipeline(text_encoder.eval(), state.generator_ema.eval(), decoder.eval())
+    pipe.save_pretrained(out / "model")
+    write_samples(state.generator_ema, out / "samples" / "final.png")
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    return out / "model"

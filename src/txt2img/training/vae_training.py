@@ -1,0 +1,83 @@
+"""Training the KL autoencoder (Rombach et al. 2022, §3): reconstruction plus a small KL term.
+
+After training, ``shift_factor`` is set to the mean and ``scaling_factor`` to 1 / std of the latents (Stable
+Diffusion set the scale the same way; SD3 added the shift), so the generator works on latents of zero mean
+and unit variance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
+
+
+@dataclasses.dataclass
+class VAETrainingConfig:
+    """Args:
+    steps: Optimizer steps.
+    lr: AdamW learning rate (cosine-decayed to 10%).
+    kl_weight: Weight of the KL divergence to N(0, 1) against the per-pixel reconstruction loss.
+    """
+
+    steps: int = 1500
+    lr: float = 2e-3
+    kl_weight: float = 1e-5
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) ‖ N(0, 1)), averaged over all elements."""
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+
+
+def vae_loss(images: torch.Tensor, encoder: VAEEncoder, decoder: VAEDecoder, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction (L1 + L2 in [-1, 1] pixels) of a posterior sample, plus ``kl_weight`` × KL."""
+    mean, logvar = encoder.encode(images)
+    raw = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+    recon = decoder.decoder(decoder.post_quant_conv(raw))
+    rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    kl = kl_divergence(mean, logvar)
+    return rec + kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
+
+
+def train_vae(
+    config: VAEConfig,
+    training: VAETrainingConfig,
+    batches: Iterator[torch.Tensor],
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[VAEEncoder, VAEDecoder]:
+    """Train an encoder and decoder on image batches (B, 3, H, W) in [-1, 1].
+
+    Returns:
+        ``(encoder, decoder)`` in eval mode, both with the fitted ``scaling_factor`` in their config.
+    """
+    torch.manual_seed(seed)
+    encoder = VAEEncoder(config).to(memory_format=torch.channels_last).train()
+    decoder = VAEDecoder(config).to(memory_format=torch.channels_last).train()
+    params = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, training.steps, eta_min=training.lr * 0.1)
+    bar = tqdm(range(training.steps), desc="vae", disable=not progress)
+    for _ in bar:
+        images = next(batches).contiguous(memory_format=torch.channels_last)
+        loss, logs = vae_loss(images, encoder, decoder, training.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(rec=f"{logs['rec']:.4f}", kl=f"{logs['kl']:.2f}")
+    encoder.eval()
+    decoder.eval()
+    with torch.no_grad():
+        sample = torch.cat([encoder.encode(next(batches))[0] for _ in range(8)])
+    fitted = dataclasses.replace(config, scaling_factor=float(1.0 / sample.std()), shift_factor=float(sample.mean()))
+    encoder.config = fitted
+    decoder.config = fitted
+    return encoder, decoder

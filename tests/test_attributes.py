@@ -1,0 +1,108 @@
+"""The attribute reader is checked against ground-truth renderings before it judges any model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from txt2img.training.attributes import ATTRIBUTE_NAMES, Attributes, parse_caption, read_attributes
+from txt2img.training.shapes import HELD_OUT, PALETTE, render, sample_spec, spec_from_attributes
+
+NUM_IMAGES = 3000
+
+
+@pytest.fixture(scope="module")
+def readings() -> list[tuple[dict[str, str], dict[str, str | None], bool]]:
+    """(truth, reading, held out) for renderings of seen and held-out pairs alike."""
+    rng = np.random.default_rng(1234)
+    result = []
+    for i in range(NUM_IMAGES):
+        spec = sample_spec(rng, held_out="only" if i % 3 == 0 else "exclude")
+        reading = read_attributes(render(spec)).as_dict()
+        result.append((spec.attributes, reading, (spec.color, spec.shape) in HELD_OUT))
+    return result
+
+
+def test_reader_reads_ground_truth_all_five_at_once(readings) -> None:
+    for held_out in (False, True):
+        subset = [(truth, read) for truth, read, h in readings if h == held_out]
+        assert len(subset) >= 900
+        all_five = np.mean([truth == read for truth, read in subset])
+        assert all_five >= 0.99, f"held_out={held_out}: {all_five:.4f}"
+
+
+@pytest.mark.parametrize("name", ATTRIBUTE_NAMES)
+def test_reader_reads_each_attribute(readings, name: str) -> None:
+    accuracy = np.mean([truth[name] == read[name] for truth, read, _ in readings])
+    assert accuracy >= 0.995
+
+
+def test_reader_reads_every_value() -> None:
+    rng = np.random.default_rng(0)
+    for color in PALETTE:  # each colour as object and background, including the closest pair (orange, yellow)
+        for background in PALETTE:
+            if color != background:
+                spec = spec_from_attributes("square", "small", color, background, "in the center", rng)
+                read = read_attributes(render(spec))
+                assert (read.color, read.background) == (color, background)
+
+
+def test_blank_and_flat_images_have_no_object() -> None:
+    assert read_attributes(np.zeros((64, 64, 3), np.uint8)) == Attributes(background="black")
+    flat = np.full((64, 64, 3), PALETTE["blue"], np.uint8)
+    assert read_attributes(flat) == Attributes(background="blue")
+    noisy = (flat + np.random.default_rng(0).integers(-8, 9, flat.shape)).astype(np.uint8)
+    assert read_attributes(noisy).shape is None
+
+
+def test_a_lone_stray_pixel_is_not_an_object() -> None:
+    image = np.full((64, 64, 3), PALETTE["white"], np.uint8)
+    image[10, 10] = PALETTE["black"]
+    assert read_attributes(image).shape is None
+
+
+def test_hand_made_shapes() -> None:
+    image = np.full((64, 64, 3), PALETTE["green"], np.uint8)
+    image[40:60, 4:24] = PALETTE["red"]  # a 20 px square: small, centred at (14, 50)
+    expected = Attributes("square", "small", "red", "green", "in the bottom left corner")
+    assert read_attributes(image) == expected
+    image[:] = PALETTE["black"]
+    image[16:48, 16:48] = PALETTE["yellow"]
+    image[16:18, 16:48] = PALETTE["black"]  # a rectangle 30 × 32 still reads as a large square
+    assert read_attributes(image) == Attributes("square", "large", "yellow", "black", "in the center")
+
+
+def test_an_object_covering_most_of_the_border_loses_to_the_background_colour() -> None:
+    image = np.full((64, 64, 3), PALETTE["purple"], np.uint8)
+    image[:, :20] = PALETTE["orange"]  # a third of the border: purple still dominates
+    assert read_attributes(image).background == "purple"
+
+
+def test_reader_rejects_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match="64, 64, 3"):
+        read_attributes(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_parse_caption() -> None:
+    assert parse_caption("a large red circle in the top left corner on a blue background") == {
+        "size": "large",
+        "color": "red",
+        "shape": "circle",
+        "position": "in the top left corner",
+        "background": "blue",
+    }
+    assert parse_caption("on the left, an orange triangle on an orange background") == {
+        "color": "orange",
+        "shape": "triangle",
+        "position": "on the left",
+        "background": "orange",
+    }
+    assert parse_caption("a small black square at the bottom") == {
+        "size": "small",
+        "color": "black",
+        "shape": "square",
+        "position": "at the bottom",
+    }
+    for bad in ("a red hexagon", "a pink circle", "a red circle with stripes", ""):
+        with pytest.raises(ValueError):
+            parse_caption(bad)
