@@ -76,9 +76,9 @@ def build_text_encoder(words: Iterable[str], shape: TextEncoderShape, seed: int 
 
 
 class LatentImageEncoder(nn.Module):
-    """Latents (B, C, 16, 16) → embeddings (B, dim): three stride-2 convolutions and a linear head."""
+    """Latents (B, C, size, size) → embeddings (B, dim): three stride-2 convolutions and a linear head."""
 
-    def __init__(self, latent_channels: int, dim: int, width: int = 64) -> None:
+    def __init__(self, latent_channels: int, dim: int, size: int = 16, width: int = 64) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(latent_channels, width, 3, padding=1),
@@ -90,7 +90,7 @@ class LatentImageEncoder(nn.Module):
             nn.Conv2d(width * 2, width * 4, 3, stride=2, padding=1),
             nn.SiLU(),
             nn.Flatten(),
-            nn.LazyLinear(dim),
+            nn.Linear(width * 4 * (-(-size // 8)) ** 2, dim),
         )
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -100,11 +100,11 @@ class LatentImageEncoder(nn.Module):
 class LatentCLIP(nn.Module):
     """The text encoder's pooled vector and a latent-image encoder, projected into one space of ``dim``."""
 
-    def __init__(self, text_encoder: TextEncoder, latent_channels: int, dim: int = 128) -> None:
+    def __init__(self, text_encoder: TextEncoder, latent_channels: int, latent_size: int = 16, dim: int = 128) -> None:
         super().__init__()
         self.text_encoder = text_encoder
         self.text_projection = nn.Linear(text_encoder.hidden_size, dim, bias=False)
-        self.image_encoder = LatentImageEncoder(latent_channels, dim)
+        self.image_encoder = LatentImageEncoder(latent_channels, dim, latent_size)
         self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), as CLIP
 
     def embed_text(self, prompts: list[str]) -> torch.Tensor:
@@ -153,8 +153,6 @@ def train_latent_clip(
         ``clip``, trained, in eval mode with gradients off.
     """
     torch.manual_seed(seed)
-    latents, captions = next(batches)
-    clip.image_encoder(latents[:1])  # materialise the lazy layer before making the optimizer
     clip.train()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=training.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, training.steps, eta_min=training.lr * 0.1)

@@ -185,7 +185,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     # 3. Text encoder
     start = time.perf_counter()
     text_encoder = build_text_encoder(vocabulary(), recipe.text, seed=recipe.seed)
-    clip = LatentCLIP(text_encoder, recipe.vae.latent_channels)
+    clip = LatentCLIP(text_encoder, recipe.vae.latent_channels, pool.latents.shape[-1])
     rng = np.random.default_rng([recipe.seed, 3])
     clip = train_latent_clip(clip, recipe.clip_training, pool.batches(rng, recipe.clip_batch_size), seed=recipe.seed, progress=progress)
     timings["text_encoder"] = time.perf_counter() - start
