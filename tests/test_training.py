@@ -101,12 +101,12 @@ def test_clip_training_aligns_text_and_latents(tiny_run: Path) -> None:
 def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> None:
     recipe = ShapesRecipe.tiny()
     encoder = build_text_encoder(vocabulary(), recipe.text)
-    clip = LatentCLIP(encoder, 4).eval().requires_grad_(False)
+    clip = LatentCLIP(encoder, 4, 32).eval().requires_grad_(False)
     gan_config = dataclasses.replace(recipe.gan, text_dim=32, pooled_dim=32)
     torch.manual_seed(0)
     training = GANTrainingConfig(steps=6, batch_size=8, sample_every=0, checkpoint_every=3)
-    state = make_state(GANGenerator(gan_config), training, size=16)
-    latents = torch.randn(32, 4, 16, 16)
+    state = make_state(GANGenerator(gan_config), training, size=32)
+    latents = torch.randn(32, 4, 32, 32)
     captions = ["a large red circle in the center on a blue background"] * 16 + ["a small green square at the top on a black background"] * 16
 
     def batches():
@@ -122,7 +122,7 @@ def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> Non
     changed = [k for k, v in state.generator.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and any(not torch.equal(v, ema_before[k]) for k, v in state.generator_ema.state_dict().items())
     # resume: a fresh state loads the step-6 checkpoint and equals the trained one
-    fresh = make_state(GANGenerator(gan_config), training, size=16)
+    fresh = make_state(GANGenerator(gan_config), training, size=32)
     fresh.load(tmp_path / "checkpoint")
     assert fresh.step == 6
     for k, v in state.discriminator.state_dict().items():
@@ -176,4 +176,4 @@ def test_augment_shifts_by_at_most_one_pixel_and_keeps_shape() -> None:
 def test_gan_config_text_sizes_follow_the_text_encoder(tiny_run: Path) -> None:
     config = json.loads((tiny_run / "model" / "gan" / "config.json").read_text())
     assert config["text_dim"] == config["pooled_dim"] == ShapesRecipe.tiny().text.hidden_size
-    assert GANConfig.from_dict(config).sample_size == 16
+    assert GANConfig.from_dict(config).sample_size == 32  # latents of the tiny VAE (factor 2) for 64 × 64 images

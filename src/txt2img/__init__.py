@@ -12,9 +12,14 @@ transformers nor huggingface_hub until they are needed.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "models", "shapes-64")
+"""The embedded default model: a pipeline folder inside the package, trained on Shapes-64 (64 × 64 images of
+one shape on a plain background). ``Txt2ImgPipeline.from_pretrained(DEFAULT_MODEL)`` makes no network call."""
 
 _EXPORTS = {
     "TextEncoder": "txt2img.text_encoder",
@@ -29,7 +34,7 @@ _EXPORTS = {
     "Txt2ImgPipelineOutput": "txt2img.pipeline",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "DEFAULT_MODEL", *_EXPORTS]
 
 if TYPE_CHECKING:
     from txt2img.gan import GANConfig, GANGenerator

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 EMBEDDED_MODEL_MISSING = (
-    "this version of txt2img has no embedded default model yet. Pass --model NAME_OR_PATH: a Hugging Face "
-    "Hub repo id or a local folder saved with Txt2ImgPipeline.save_pretrained."
+    "the embedded default model is missing from this installation ({path}). Reinstall txt2img, or pass "
+    "--model NAME_OR_PATH: a Hugging Face Hub repo id or a local folder saved with Txt2ImgPipeline.save_pretrained."
 )
 
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="what to draw, e.g. 'a red circle on a blue background'")
     parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default: out.png); "
                         "with --num-images N > 1, files NAME-0.png ... NAME-(N-1).png")
-    parser.add_argument("--model", help="Hub repo id or local pipeline folder (default: the embedded model)")
+    parser.add_argument("--model", help="Hub repo id or local pipeline folder (default: the embedded Shapes-64 model)")
     parser.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="how many images (default: 1)")
     parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
@@ -53,21 +53,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--num-images must be at least 1, got {args.num_images}")
     if not args.prompt.strip():
         parser.error("the prompt is empty: say what to draw")
-    if args.model is None:
-        print(f"txt2img: error: {EMBEDDED_MODEL_MISSING}", file=sys.stderr)
-        return 2
+    from txt2img import DEFAULT_MODEL, __version__
+
+    model = args.model or DEFAULT_MODEL
+    if args.model is None and not Path(DEFAULT_MODEL, "model_index.json").is_file():
+        print(f"txt2img: error: {EMBEDDED_MODEL_MISSING.format(path=DEFAULT_MODEL)}", file=sys.stderr)
+        return 1
 
     import torch
 
-    from txt2img import __version__
     from txt2img.generation import seeded_generators
     from txt2img.images import save_png
     from txt2img.pipeline import Txt2ImgPipeline
 
     try:
-        pipe = Txt2ImgPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        pipe = Txt2ImgPipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
     except (OSError, ValueError) as error:
-        print(f"txt2img: error: could not load the model {args.model!r}: {error}", file=sys.stderr)
+        print(f"txt2img: error: could not load the model {model!r}: {error}", file=sys.stderr)
         return 1
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": image_seed,
             "size": f"{image.width}x{image.height}",
             "steps": 1,
-            "model": args.model,
+            "model": args.model or "txt2img default (shapes-64)",
             "version": f"txt2img {__version__}",
         }
         save_png(image, path, params)

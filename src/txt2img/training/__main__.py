@@ -15,12 +15,20 @@ def main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     shapes.add_argument("--tiny", action="store_true", help="a few steps on small networks (a smoke test)")
     shapes.add_argument("--quiet", action="store_true", help="no progress bars")
+    baseline = commands.add_parser("baseline", help="train the text-conditional VAE path on a finished run's data "
+                                   "and compare it with the run's GAN")
+    baseline.add_argument("--run", required=True, help="the folder of a finished 'shapes' run")
+    baseline.add_argument("--num-images", type=int, default=600, help="evaluation images per split (default 600)")
+    baseline.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     import torch
 
-    from txt2img.training.recipe import ShapesRecipe, run
+    from txt2img.training.recipe import ShapesRecipe, compare_with_baseline, run
 
+    if args.command == "baseline":
+        print(compare_with_baseline(args.run, num_images=args.num_images, progress=not args.quiet))
+        return 0
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     recipe = ShapesRecipe.tiny(args.seed) if args.tiny else ShapesRecipe(seed=args.seed)
     start = time.perf_counter()

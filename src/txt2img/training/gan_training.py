@@ -45,6 +45,7 @@ class GANTrainingConfig:
     augment_p: Probability of shifting each sample (reals and fakes alike).
     augment_shift: Largest shift in latent pixels.
     augment_noise: Std of the noise added to every discriminator input.
+    discriminator_width: Channels of the discriminator's first stage (doubled at each of its two stages).
     sample_every: Write a sample grid every this many steps (0: never).
     checkpoint_every: Write a checkpoint every this many steps (0: never).
     """
@@ -61,6 +62,7 @@ class GANTrainingConfig:
     augment_p: float = 0.5
     augment_shift: int = 1
     augment_noise: float = 0.05
+    discriminator_width: int = 64
     sample_every: int = 500
     checkpoint_every: int = 500
 
@@ -179,7 +181,7 @@ class GANTrainingState:
 def make_state(generator: GANGenerator, training: GANTrainingConfig, *, size: int) -> GANTrainingState:
     """Fresh networks and optimizers around ``generator`` (Adam, β = (0, 0.99), as StyleGAN2)."""
     config = generator.config
-    discriminator = ProjectionDiscriminator(config.latent_channels, config.pooled_dim, size)
+    discriminator = ProjectionDiscriminator(config.latent_channels, config.pooled_dim, size, width=training.discriminator_width)
     return GANTrainingState(
         generator=generator.train(),
         generator_ema=copy.deepcopy(generator).eval().requires_grad_(False),

@@ -4,7 +4,7 @@ and a GAN, each trained on the CPU in turn, then saved as an ordinary ``Txt2ImgP
     python -m txt2img.training shapes --out DIR [--seed 0]
 
 Stages and what each one hands on:
-1. VAE: 64 × 64 images ↔ 16 × 16 × 4 latents; fitted ``shift_factor``/``scaling_factor``.
+1. VAE: 64 × 64 images ↔ 32 × 32 × 4 latents; fitted ``shift_factor``/``scaling_factor``.
 2. Latent pool: ``pool_size`` renderings (held-out pairs excluded) encoded once to scaled latents.
 3. Text encoder: a word-level CLIP text model trained against a latent-image encoder on the pool.
 4. GAN: the native generator trained on the pool with the frozen text encoder (``gan_training``).
@@ -28,6 +28,8 @@ from PIL import Image
 from txt2img.gan import GANConfig, GANGenerator
 from txt2img.pipeline import Txt2ImgPipeline
 from txt2img.training import shapes
+from txt2img.training.baseline import BaselineTrainingConfig, TextToLatentGaussian, baseline_generator, train_baseline
+from txt2img.training.evaluate import evaluate, pipeline_generator
 from txt2img.training.clip import CLIPTrainingConfig, LatentCLIP, TextEncoderShape, build_text_encoder, train_latent_clip
 from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
@@ -62,18 +64,22 @@ class ShapesRecipe:
 
     seed: int = 0
     pool_size: int = 20_000
-    vae_batch_size: int = 24
+    vae_batch_size: int = 16
     clip_batch_size: int = 256
     vae: VAEConfig = dataclasses.field(
-        default_factory=lambda: VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
+        default_factory=lambda: VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64)
     )
     text: TextEncoderShape = dataclasses.field(default_factory=TextEncoderShape)
     gan: GANConfig = dataclasses.field(
-        default_factory=lambda: GANConfig(z_dim=64, w_dim=256, channels=(256, 128, 64), attention=(True, True, False))
+        default_factory=lambda: GANConfig(
+            z_dim=64, w_dim=256, channels=(256, 128, 64, 32), attention=(True, True, False, False)
+        )
     )
-    vae_training: VAETrainingConfig = dataclasses.field(default_factory=lambda: VAETrainingConfig(steps=1000))
-    clip_training: CLIPTrainingConfig = dataclasses.field(default_factory=lambda: CLIPTrainingConfig(steps=1000))
-    gan_training: GANTrainingConfig = dataclasses.field(default_factory=GANTrainingConfig)
+    vae_training: VAETrainingConfig = dataclasses.field(default_factory=lambda: VAETrainingConfig(steps=3000, lr=1e-3))
+    clip_training: CLIPTrainingConfig = dataclasses.field(default_factory=lambda: CLIPTrainingConfig(steps=600))
+    gan_training: GANTrainingConfig = dataclasses.field(
+        default_factory=lambda: GANTrainingConfig(steps=2500, discriminator_width=32)
+    )
 
     @classmethod
     def tiny(cls, seed: int = 0) -> ShapesRecipe:
@@ -83,12 +89,12 @@ class ShapesRecipe:
             pool_size=256,
             vae_batch_size=8,
             clip_batch_size=32,
-            vae=VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64),
+            vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=64),
             text=TextEncoderShape(hidden_size=32, layers=1, heads=2),
-            gan=GANConfig(z_dim=16, w_dim=32, channels=(32, 16, 16), attention=(True, False, False), attention_heads=2),
+            gan=GANConfig(z_dim=16, w_dim=32, channels=(32, 16, 16, 8), attention=(True, False, False, False), attention_heads=2),
             vae_training=VAETrainingConfig(steps=20),
             clip_training=CLIPTrainingConfig(steps=20),
-            gan_training=GANTrainingConfig(steps=20, batch_size=16, sample_every=10, checkpoint_every=10),
+            gan_training=GANTrainingConfig(steps=20, batch_size=16, sample_every=10, checkpoint_every=10, discriminator_width=16),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +118,7 @@ def image_batches(rng: np.random.Generator, batch_size: int) -> Iterator[torch.T
 
 @dataclasses.dataclass
 class LatentPool:
-    """Renderings encoded once: ``latents`` (N, C, 16, 16) scaled, and the ``specs`` they were drawn from."""
+    """Renderings encoded once: ``latents`` (N, C, S, S) scaled, and the ``specs`` they were drawn from."""
 
     latents: torch.Tensor
     specs: list[shapes.ShapeSpec]
@@ -220,3 +226,36 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     write_samples(state.generator_ema, out / "samples" / "final.png")
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     return out / "model"
+
+
+def compare_with_baseline(
+    out: str | Path,
+    *,
+    num_images: int = 600,
+    baseline: BaselineTrainingConfig | None = None,
+    progress: bool = True,
+) -> str:
+    """Train the text-conditional VAE path on the same data, VAE and text encoder as the run in ``out``,
+    evaluate both paths the same way, and write ``out/comparison.json``.
+
+    Returns:
+        A markdown table: each path's attribute accuracies, variety and images/s.
+    """
+    out = Path(out)
+    recipe_data = json.loads((out / "recipe.json").read_text())
+    seed, pool_size = int(recipe_data["seed"]), int(recipe_data["pool_size"])
+    pipe = Txt2ImgPipeline.from_pretrained(out / "model")
+    pipe.set_progress_bar_config(disable=True)
+    encoder = VAEEncoder.from_pretrained(out / "vae_encoder")
+    pool = encode_pool(encoder, np.random.default_rng([seed, 2]), pool_size)
+    torch.manual_seed(seed)
+    model = TextToLatentGaussian(pipe.text_encoder.hidden_size, encoder.config.latent_channels, pool.latents.shape[-1])
+    training = baseline or BaselineTrainingConfig()
+    batches = pool.batches(np.random.default_rng([seed, 5]), training.batch_size)
+    model = train_baseline(model, pipe.text_encoder, training, batches, seed=seed, progress=progress)
+    reports = {
+        "GAN (txt2img GANGenerator)": evaluate(pipeline_generator(pipe), num_images=num_images, seed=seed),
+        "text-conditional VAE (baseline)": evaluate(baseline_generator(model, pipe.text_encoder, pipe.vae), num_images=num_images, seed=seed),
+    }
+    (out / "comparison.json").write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
+    return "\n\n".join(f"### {name}\n\n{report.to_markdown()}" for name, report in reports.items())
