@@ -88,12 +88,24 @@ class Txt2ImgPipeline:
         """The native image side in pixels."""
         return self.gan.sample_size * self.vae.scale_factor
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> Txt2ImgPipeline:
-        """Move every component to ``device`` and/or cast it to ``dtype``; returns the pipeline."""
+    def to(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        memory_format: torch.memory_format | None = None,
+    ) -> Txt2ImgPipeline:
+        """Move every component to ``device``, cast it to ``dtype`` and/or store its convolution weights in
+        ``memory_format``; returns the pipeline.
+
+        ``torch.channels_last`` (the default of ``from_pretrained``) makes convolutions several times faster
+        on CPUs; ``torch.contiguous_format`` undoes it.
+        """
         target = resolve_device(device) if device is not None else None
         cast = resolve_dtype(dtype) if dtype is not None else None
         for component in self.components.values():
             component.to(device=target, dtype=cast)
+            if memory_format is not None:
+                component.to(memory_format=memory_format)
         return self
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -124,6 +136,7 @@ class Txt2ImgPipeline:
         local_files_only: bool = False,
         token: str | bool | None = None,
         torch_dtype: torch.dtype | str | None = None,
+        memory_format: torch.memory_format = torch.channels_last,
         **components: Any,
     ) -> Txt2ImgPipeline:
         """Load a pipeline: a ``model_index.json`` plus one subfolder per component.
@@ -138,6 +151,8 @@ class Txt2ImgPipeline:
             local_files_only: Make no network request.
             token: Hub token for private or gated repos.
             torch_dtype: Deprecated name of ``dtype``.
+            memory_format: How convolution weights are stored; ``torch.channels_last`` (default) is several
+                times faster on CPUs than ``torch.contiguous_format``.
             **components: Components to use instead of loading them (``text_encoder=``, ``gan=``, ``vae=``).
 
         Returns:
@@ -164,6 +179,7 @@ class Txt2ImgPipeline:
             if not (root / name).is_dir():
                 raise OSError(f"{root} has no folder {name!r} for the component {name!r} listed in {MODEL_INDEX_NAME}.")
             loaded[name] = component_class.from_pretrained(root, subfolder=name, dtype=dtype, device=device)
+            loaded[name].to(memory_format=memory_format)
         return cls(**loaded)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
