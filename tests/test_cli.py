@@ -44,9 +44,13 @@ def test_several_images_get_consecutive_seeds(saved_pipeline: Path, tmp_path: Pa
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_without_model_says_to_pass_one(tmp_path: Path, capsys) -> None:
-    assert main(["a red circle", "-o", str(tmp_path / "x.png")]) == 2
-    assert "--model" in capsys.readouterr().err
+def test_missing_embedded_model_is_a_clear_error(tmp_path: Path, capsys, monkeypatch) -> None:
+    import txt2img
+
+    monkeypatch.setattr(txt2img, "DEFAULT_MODEL", str(tmp_path / "gone"))
+    assert main(["a red circle", "-o", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert "embedded default model is missing" in err and "--model" in err
     assert not (tmp_path / "x.png").exists()
 
 

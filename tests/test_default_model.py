@@ -1,0 +1,80 @@
+"""The embedded default model: shipped inside the package, loaded offline, and good at its prompts."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import txt2img
+from txt2img import DEFAULT_MODEL, Txt2ImgPipeline
+from txt2img.images import read_png_metadata
+from txt2img.training.evaluate import evaluate, pipeline_generator
+
+
+@pytest.fixture(scope="module")
+def default_pipe() -> Txt2ImgPipeline:
+    pipe = Txt2ImgPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_default_model_is_a_pipeline_folder_inside_the_package() -> None:
+    folder = Path(DEFAULT_MODEL)
+    assert folder.is_relative_to(Path(txt2img.__file__).parent)
+    assert (folder / "model_index.json").is_file()
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 30 * 2**20, f"the embedded model is {size / 2**20:.1f} MB; the budget is 30 MB"
+
+
+def test_default_model_loads_with_sockets_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    pipe = Txt2ImgPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.default_size == 64
+    image = pipe("a large red circle in the center on a blue background", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_default_model_follows_prompts(default_pipe: Txt2ImgPipeline) -> None:
+    # A small sample of the evaluation; the full table (600 images per split) is in docs/training.md.
+    report = evaluate(pipeline_generator(default_pipe), num_images=48, seed=1, variety_prompts=4, variety_seeds=2)
+    assert report.seen["all five"] >= 0.5, report.to_markdown()
+    assert report.seen["color"] >= 0.8 and report.seen["background"] >= 0.8, report.to_markdown()
+    assert report.variety is not None and report.variety > 0.5, report.to_markdown()
+
+
+def test_cli_without_model_uses_the_default(tmp_path: Path) -> None:
+    out = tmp_path / "out.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "txt2img", "a small green circle at the top on a white background", "-o", str(out), "--seed", "3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    meta = read_png_metadata(out)
+    assert meta["seed"] == 3 and "default" in meta["model"]
+
+
+def test_wheel_carries_the_default_model(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("txt2img-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {
+        str(p.relative_to(Path(txt2img.__file__).parent.parent)).replace("\\", "/")
+        for p in Path(DEFAULT_MODEL).rglob("*") if p.is_file()
+    }
+    assert expected and expected <= names, sorted(expected - names)
