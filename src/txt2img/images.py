@@ -28,10 +28,14 @@ def to_numpy(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) in [0, 1] → uint8 (B, H, W, 3), rounded to the nearest 8-bit value."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
     """(B, H, W, 3) in [0, 1] → RGB PIL images (rounded to the nearest 8-bit value)."""
-    pixels = (images * 255).round().astype("uint8")
-    return [Image.fromarray(p) for p in pixels]
+    return [Image.fromarray(p) for p in to_uint8(images)]
 
 
 def parameters_text(params: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from txt2img.images import to_numpy, to_uint8, to_unit_range
 from txt2img.text_encoder import TextEncoder
 from txt2img.training.evaluate import Generate
 from txt2img.vae import VAEDecoder
@@ -98,6 +99,6 @@ def baseline_generator(model: TextToLatentGaussian, text_encoder: TextEncoder, d
         mean, logvar = model(text_encoder.encode(prompts).pooled)
         noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
         images = decoder.decode(mean + torch.exp(0.5 * logvar) * noise)
-        return ((images / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        return to_uint8(to_numpy(to_unit_range(images)))
 
     return generate

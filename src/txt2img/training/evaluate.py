@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from txt2img.generation import seeded_generators
+from txt2img.images import to_uint8
 from txt2img.training.attributes import ATTRIBUTE_NAMES, parse_caption, read_attributes
 from txt2img.training.shapes import IMAGE_SIZE, canonical_caption, sample_spec
 
@@ -201,7 +202,7 @@ def pipeline_generator(pipe: Txt2ImgPipeline) -> Generate:
     def generate(prompts: list[str], seeds: list[int]) -> np.ndarray:
         output = pipe(prompts, generator=seeded_generators(seeds), output_type="np")
         images = np.asarray(cast("Txt2ImgPipelineOutput", output).images)  # (B, H, W, 3) in [0, 1]
-        return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return to_uint8(images)
 
     return generate
 

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from txt2img.gan import GANConfig, GANGenerator
+from txt2img.images import to_numpy, to_uint8, to_unit_range
 from txt2img.pipeline import Txt2ImgPipeline
 from txt2img.training import shapes
 from txt2img.training.baseline import BaselineTrainingConfig, TextToLatentGaussian, baseline_generator, train_baseline
@@ -212,7 +213,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         prompts = [p for p in SAMPLE_PROMPTS for _ in range(4)]
         text = text_encoder.encode(prompts)
         latents = generator(sample_noise, text.hidden_states, text.pooled, text.attention_mask)
-        images = ((decoder.decode(latents) / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        images = to_uint8(to_numpy(to_unit_range(decoder.decode(latents))))
         grid(images, cols=8).save(path)
 
     rng = np.random.default_rng([recipe.seed, 4])
