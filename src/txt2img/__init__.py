@@ -36,11 +36,11 @@ _EXPORTS = {
 
 __all__ = ["__version__", "DEFAULT_MODEL", *_EXPORTS]
 
-if TYPE_CHECKING:
-    from txt2img.gan import GANConfig, GANGenerator
-    from txt2img.pipeline import Txt2ImgPipeline, Txt2ImgPipelineOutput
-    from txt2img.text_encoder import PromptEmbeds, TextEncoder, TextEncoderConfig
-    from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
+if TYPE_CHECKING:  # what the lazy __getattr__ below gives, for type checkers and IDEs
+    from txt2img.gan import GANConfig, GANGenerator  # noqa: F401
+    from txt2img.pipeline import Txt2ImgPipeline, Txt2ImgPipelineOutput  # noqa: F401
+    from txt2img.text_encoder import PromptEmbeds, TextEncoder, TextEncoderConfig  # noqa: F401
+    from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
