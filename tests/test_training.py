@@ -177,3 +177,15 @@ def test_gan_config_text_sizes_follow_the_text_encoder(tiny_run: Path) -> None:
     config = json.loads((tiny_run / "model" / "gan" / "config.json").read_text())
     assert config["text_dim"] == config["pooled_dim"] == ShapesRecipe.tiny().text.hidden_size
     assert GANConfig.from_dict(config).sample_size == 32  # latents of the tiny VAE (factor 2) for 64 × 64 images
+
+
+def test_baseline_comparison_trains_and_evaluates_both_paths(tiny_run: Path) -> None:
+    from txt2img.training.baseline import BaselineTrainingConfig
+    from txt2img.training.recipe import compare_with_baseline
+
+    table = compare_with_baseline(tiny_run, num_images=8, baseline=BaselineTrainingConfig(steps=5, batch_size=8), progress=False)
+    assert "### GAN" in table and "### text-conditional VAE" in table and "all five" in table
+    reports = json.loads((tiny_run / "comparison.json").read_text())
+    assert len(reports) == 2
+    for report in reports.values():
+        assert report["num_images"] == 8 and report["images_per_second"] > 0
