@@ -3,8 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny import make_pipeline
 
+from tiny import make_pipeline
 from txt2img import Txt2ImgPipeline
 
 

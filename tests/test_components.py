@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import gan_config, make_gan, make_text_encoder, make_vae, vae_config
 
+from tiny import gan_config, make_gan, make_text_encoder, make_vae, vae_config
 from txt2img import GANConfig, GANGenerator, TextEncoder, VAEConfig, VAEDecoder, VAEEncoder
 
 

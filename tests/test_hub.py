@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from hub_server import HubServer, Request, serve_hub, set_offline
 from tiny import make_pipeline
-
 from txt2img import TextEncoder, Txt2ImgPipeline, VAEDecoder
 
 REPO = "org/tiny"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import make_gan, make_vae
 
+from tiny import make_gan, make_vae
 from txt2img import GANGenerator, TextEncoder, Txt2ImgPipeline, VAEDecoder
 
 

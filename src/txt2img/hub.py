@@ -163,7 +163,6 @@ def find_pickle_files(folder: Path) -> list[str]:
 def _cached_listing(folder: Path) -> set[str]:
     """File names directly in ``folder`` as its Hub repo lists them, for a folder of a cached snapshot
     (``.../models--org--name/snapshots/<sha>/<sub>``); empty elsewhere or when no listing is cached."""
-    folder = Path(folder)
     snapshot = next((p for p in (folder, *folder.parents) if p.parent.name == "snapshots"), None)
     if snapshot is None or not snapshot.parent.parent.name.startswith("models--"):
         return set()

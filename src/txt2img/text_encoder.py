@@ -94,8 +94,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = config or TextEncoderConfig()
         if not isinstance(tokenizer, Tokenizer):
-            limit = getattr(model.config, "max_position_embeddings", None) or 512
-            tokenizer = Tokenizer.from_transformers(tokenizer, self.config.max_length or min(tokenizer.model_max_length, limit))
+            limit = getattr(model.config, "max_position_embeddings", None)
+            tokenizer = Tokenizer.from_transformers(tokenizer, self.config.max_length, limit)
         self.tokenizer = tokenizer
         self.model = model
 
@@ -240,8 +240,8 @@ class TextEncoder(nn.Module):
         config = TextEncoderConfig.from_dict(settings, source=f"{folder / CONFIG_NAME} (key 'txt2img')")
         native = NATIVE_MODEL_TYPES.get(str(data.get("model_type")))
         model = native.from_folder(folder, data, dtype) if native else _load_text_model(folder, data, dtype)
-        limit = int(data.get("max_position_embeddings") or 512)
-        tokenizer = _load_tokenizer(folder, config.max_length, limit)
+        limit = data.get("max_position_embeddings")
+        tokenizer = _load_tokenizer(folder, config.max_length, int(limit) if limit else None)
         return cls(tokenizer, model, config).to(resolve_device(device)).eval()
 
 
@@ -285,14 +285,11 @@ def _load_text_model(folder: Path, data: dict[str, Any], dtype: torch.dtype) -> 
     return model
 
 
-def _load_tokenizer(folder: Path, max_length: int | None, limit: int) -> Tokenizer:
+def _load_tokenizer(folder: Path, max_length: int | None, limit: int | None) -> Tokenizer:
     """The tokenizer in ``folder`` or, as in the diffusers layout, in the sibling ``tokenizer/`` folder."""
     for candidate in (folder, folder.parent / "tokenizer"):
         if Tokenizer.holds_tokenizer(candidate):
-            tokenizer = Tokenizer.from_folder(candidate, max_length)
-            if max_length is None and tokenizer.max_length > limit:
-                tokenizer = Tokenizer.from_folder(candidate, limit)
-            return tokenizer
+            return Tokenizer.from_folder(candidate, max_length, limit)
     raise OSError(
         f"No tokenizer found in {folder} or {folder.parent / 'tokenizer'}: expected tokenizer.json "
         "(or vocab.json and merges.txt)."

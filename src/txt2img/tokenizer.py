@@ -97,13 +97,15 @@ class Tokenizer:
         return any((folder / name).is_file() for name in (TOKENIZER_FILE, *LEGACY_FILES))
 
     @classmethod
-    def from_folder(cls, folder: Path, max_length: int | None = None) -> Tokenizer:
+    def from_folder(cls, folder: Path, max_length: int | None = None, limit: int | None = None) -> Tokenizer:
         """Load the tokenizer in ``folder``.
 
         Args:
             folder: Holds ``tokenizer.json`` (read directly) or older tokenizer files (converted through
                 transformers).
             max_length: Tokens per prompt; default ``model_max_length`` from ``tokenizer_config.json``.
+            limit: The most tokens the text model takes (its ``max_position_embeddings``), which the default
+                never exceeds.
 
         Raises:
             OSError: no tokenizer, or files it cannot read.
@@ -127,19 +129,32 @@ class Tokenizer:
         else:
             raise OSError(f"No tokenizer in {folder}: expected tokenizer.json (or vocab.json and merges.txt).")
         config = {k: v for k, v in config.items() if k in (*SPECIAL_TOKEN_KEYS, "model_max_length")}
-        length = max_length or int(config.get("model_max_length") or 77)
         try:
-            return cls(backend, length, config)
+            return cls(backend, _length(max_length, config.get("model_max_length"), limit), config)
         except ValueError as error:
             raise OSError(f"The tokenizer in {folder} cannot pad: {error}") from error
 
     @classmethod
-    def from_transformers(cls, tokenizer: Any, max_length: int | None = None) -> Tokenizer:
-        """Wrap a transformers fast tokenizer (e.g. ``CLIPTokenizer``, ``PreTrainedTokenizerFast``)."""
-        config: dict[str, Any] = {key: getattr(tokenizer, key, None) for key in SPECIAL_TOKEN_KEYS}
-        config = {k: str(v) for k, v in config.items() if v is not None}
-        config["model_max_length"] = int(min(tokenizer.model_max_length, 1_000_000))
-        return cls(tokenizer.backend_tokenizer, max_length or config["model_max_length"], config)
+    def from_transformers(cls, tokenizer: Any, max_length: int | None = None, limit: int | None = None) -> Tokenizer:
+        """Wrap a transformers fast tokenizer (e.g. ``CLIPTokenizer``, ``PreTrainedTokenizerFast``); ``max_length``
+        and ``limit`` as in :meth:`from_folder`."""
+        config = _transformers_config(tokenizer)
+        return cls(tokenizer.backend_tokenizer, _length(max_length, config["model_max_length"], limit), config)
+
+
+def _length(max_length: int | None, model_max_length: Any, limit: int | None) -> int:
+    """``max_length`` if given, else the tokenizer's ``model_max_length`` (77 when unset) capped at ``limit``."""
+    if max_length is not None:
+        return max_length
+    default = int(model_max_length or 77)
+    return min(default, limit) if limit is not None else default
+
+
+def _transformers_config(tokenizer: Any) -> dict[str, Any]:
+    """The special tokens and ``model_max_length`` of a transformers tokenizer, as ``tokenizer_config.json`` has them."""
+    config: dict[str, Any] = {key: str(getattr(tokenizer, key)) for key in SPECIAL_TOKEN_KEYS if getattr(tokenizer, key, None) is not None}
+    config["model_max_length"] = int(min(tokenizer.model_max_length, 1_000_000))  # transformers' "unset" is ~1e30
+    return config
 
 
 def _convert_with_transformers(folder: Path, config: dict[str, Any]) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
@@ -149,5 +164,4 @@ def _convert_with_transformers(folder: Path, config: dict[str, Any]) -> tuple[to
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise OSError(f"Could not load the tokenizer in {folder}: {error}") from error
-    wrapped = Tokenizer.from_transformers(tokenizer)
-    return wrapped.backend, {**config, **wrapped.config}
+    return tokenizer.backend_tokenizer, {**config, **_transformers_config(tokenizer)}

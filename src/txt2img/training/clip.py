@@ -116,6 +116,11 @@ class LatentCLIP(nn.Module):
         return F.normalize(self.image_encoder(latents), dim=-1)
 
 
+def same_captions(captions: list[str]) -> torch.Tensor:
+    """(B, B) True where two captions of the batch are identical."""
+    return torch.tensor([[a == b for b in captions] for a in captions])
+
+
 def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE over a batch of matching (text, image) unit vectors (B, D).
 
@@ -159,8 +164,7 @@ def train_latent_clip(
     bar = tqdm(range(training.steps), desc="text encoder (CLIP)", disable=not progress)
     for _ in bar:
         latents, captions = next(batches)
-        same = torch.tensor([[a == b for b in captions] for a in captions])
-        loss = contrastive_loss(clip.embed_text(captions), clip.embed_latents(latents), clip.logit_scale, same)
+        loss = contrastive_loss(clip.embed_text(captions), clip.embed_latents(latents), clip.logit_scale, same_captions(captions))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

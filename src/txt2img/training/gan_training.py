@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from txt2img.gan import GANGenerator
 from txt2img.text_encoder import PromptEmbeds
 from txt2img.training.checkpoint import load_checkpoint, save_checkpoint
-from txt2img.training.clip import LatentCLIP, contrastive_loss
+from txt2img.training.clip import LatentCLIP, contrastive_loss, same_captions
 
 
 @dataclasses.dataclass
@@ -276,8 +276,3 @@ def train_gan(
 def generate(generator: GANGenerator, z: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
     """Scaled latents for noise ``z`` and encoded prompts ``text``."""
     return generator(z, text.hidden_states, text.pooled, text.attention_mask)
-
-
-def same_captions(captions: list[str]) -> torch.Tensor:
-    """(B, B) True where two captions of the batch are identical."""
-    return torch.tensor([[a == b for b in captions] for a in captions])

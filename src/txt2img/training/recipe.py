@@ -29,10 +29,21 @@ from txt2img.gan import GANConfig, GANGenerator
 from txt2img.images import to_numpy, to_uint8, to_unit_range
 from txt2img.pipeline import Txt2ImgPipeline
 from txt2img.training import shapes
-from txt2img.training.baseline import BaselineTrainingConfig, TextToLatentGaussian, baseline_generator, train_baseline
+from txt2img.training.baseline import (
+    BaselineTrainingConfig,
+    TextToLatentGaussian,
+    baseline_generator,
+    train_baseline,
+)
+from txt2img.training.clip import (
+    CLIPTrainingConfig,
+    LatentCLIP,
+    TextEncoderShape,
+    build_text_encoder,
+    train_latent_clip,
+)
 from txt2img.training.evaluate import evaluate, pipeline_generator
-from txt2img.training.clip import CLIPTrainingConfig, LatentCLIP, TextEncoderShape, build_text_encoder, train_latent_clip
-from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
+from txt2img.training.gan_training import GANTrainingConfig, generate, make_state, train_gan
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
 from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
 
@@ -211,8 +222,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     @torch.no_grad()
     def write_samples(generator: GANGenerator, path: Path) -> None:
         prompts = [p for p in SAMPLE_PROMPTS for _ in range(4)]
-        text = text_encoder.encode(prompts)
-        latents = generator(sample_noise, text.hidden_states, text.pooled, text.attention_mask)
+        latents = generate(generator, sample_noise, text_encoder.encode(prompts))
         images = to_uint8(to_numpy(to_unit_range(decoder.decode(latents))))
         grid(images, cols=8).save(path)
 
