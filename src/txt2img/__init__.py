@@ -28,8 +28,13 @@ _EXPORTS = {
     "VAEDecoder": "txt2img.vae",
     "VAEEncoder": "txt2img.vae",
     "VAEConfig": "txt2img.vae",
+    "TinyVAEDecoder": "txt2img.vae_tiny",
+    "TinyVAEConfig": "txt2img.vae_tiny",
     "GANGenerator": "txt2img.gan",
     "GANConfig": "txt2img.gan",
+    "UNetGenerator": "txt2img.unet",
+    "UNetConfig": "txt2img.unet",
+    "SchedulerConfig": "txt2img.schedulers",
     "Txt2ImgPipeline": "txt2img.pipeline",
     "Txt2ImgPipelineOutput": "txt2img.pipeline",
 }
@@ -39,8 +44,11 @@ __all__ = ["__version__", "DEFAULT_MODEL", *_EXPORTS]
 if TYPE_CHECKING:  # what the lazy __getattr__ below gives, for type checkers and IDEs
     from txt2img.gan import GANConfig, GANGenerator  # noqa: F401
     from txt2img.pipeline import Txt2ImgPipeline, Txt2ImgPipelineOutput  # noqa: F401
+    from txt2img.schedulers import SchedulerConfig  # noqa: F401
     from txt2img.text_encoder import PromptEmbeds, TextEncoder, TextEncoderConfig  # noqa: F401
+    from txt2img.unet import UNetConfig, UNetGenerator  # noqa: F401
     from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder  # noqa: F401
+    from txt2img.vae_tiny import TinyVAEConfig, TinyVAEDecoder  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,8 @@ class Attention(nn.Module):
         heads: Number of heads.
         head_dim: Feature size of one head.
         bias: Whether the q/k/v projections have a bias.
+        upcast: Compute the attention itself in float32 when the inputs are half precision (models whose
+            attention logits overflow float16, e.g. Stable Diffusion 2.x).
     """
 
     def __init__(
@@ -30,10 +32,12 @@ class Attention(nn.Module):
         heads: int = 1,
         head_dim: int = 64,
         bias: bool = False,
+        upcast: bool = False,
     ) -> None:
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
+        self.upcast = upcast
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
@@ -56,7 +60,10 @@ class Attention(nn.Module):
         k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, L, d)
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return self.to_out[0](out)
 

@@ -24,11 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="what to draw, e.g. 'a red circle on a blue background'")
     parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default: out.png); "
                         "with --num-images N > 1, files NAME-0.png ... NAME-(N-1).png")
-    parser.add_argument("--model", help="Hub repo id or local pipeline folder (default: the embedded Shapes-64 model)")
+    parser.add_argument("--model", help="Hub repo id or local pipeline folder, txt2img's or a diffusers "
+                        "StableDiffusionPipeline such as stabilityai/sd-turbo (default: the embedded Shapes-64 model)")
     parser.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="how many images (default: 1)")
     parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    parser.add_argument("--steps", type=int, default=1, help="generator passes: 1 (default); 2-4 refine with "
+                        "one-step UNet models such as stabilityai/sd-turbo")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 or auto (default: float32)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error(f"--num-images must be at least 1, got {args.num_images}")
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     if not args.prompt.strip():
         parser.error("the prompt is empty: say what to draw")
     from txt2img import DEFAULT_MODEL, __version__
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             num_images_per_prompt=args.num_images,
             height=args.height,
             width=args.width,
+            num_inference_steps=args.steps,
             generator=seeded_generators(seeds),
         ).images
     except (ValueError, TypeError, FloatingPointError, torch.OutOfMemoryError) as error:
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompt": args.prompt,
             "seed": image_seed,
             "size": f"{image.width}x{image.height}",
-            "steps": 1,
+            "steps": args.steps,
             "model": args.model or "txt2img default (shapes-64)",
             "version": f"txt2img {__version__}",
         }

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from txt2img.attention import Attention
+from txt2img.generation import GeneratorArg
 from txt2img.modeling import ModelConfig, ModelMixin
+from txt2img.text_encoder import PromptEmbeds
 
 
 @dataclasses.dataclass
@@ -197,6 +200,10 @@ class GANGenerator(ModelMixin):
 
     config_class = GANConfig
     config: GANConfig
+    alternatives: ClassVar[dict[str, str]] = {
+        "UNet2DConditionModel": "txt2img.unet:UNetGenerator",
+        "UNetGenerator": "txt2img.unet:UNetGenerator",
+    }
 
     def __init__(self, config: GANConfig) -> None:
         super().__init__()
@@ -228,6 +235,51 @@ class GANGenerator(ModelMixin):
         The native generator's noise is one vector per image, whatever its size.
         """
         return (batch_size, self.config.z_dim)
+
+    @classmethod
+    def download_patterns(cls, subfolder: str | None) -> list[str]:
+        """The generator's folder and, for a UNet in the diffusers layout, the sibling scheduler config."""
+        from txt2img.unet import generator_patterns
+
+        return generator_patterns(subfolder)
+
+    def generate(
+        self,
+        noise: torch.Tensor,
+        embeds: PromptEmbeds,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 1,
+        truncation_psi: float = 1.0,
+        generator: GeneratorArg = None,
+    ) -> torch.Tensor:
+        """Generate latents for encoded prompts: the interface the pipeline calls on every generator.
+
+        Args:
+            noise: (B, z_dim) standard normal noise, from ``noise_shape``.
+            embeds: The encoded prompts.
+            height, width: Latent size; default ``sample_size``.
+            num_inference_steps: Must be 1: the GAN generator has a single pass.
+            truncation_psi: See :meth:`forward`.
+            generator: Unused (the GAN draws no noise after ``noise``).
+
+        Returns:
+            Scaled latents (B, latent_channels, height, width).
+        """
+        if num_inference_steps != 1:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps}: a GAN generator makes its latents in one pass; use 1."
+            )
+        return self(
+            noise,
+            embeds.hidden_states,
+            embeds.pooled,
+            embeds.attention_mask,
+            height=height,
+            width=width,
+            truncation_psi=truncation_psi,
+        )
 
     def forward(
         self,

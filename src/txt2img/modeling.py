@@ -9,6 +9,7 @@ are never opened.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -239,6 +240,10 @@ class ModelMixin(nn.Module):
 
     config_class: ClassVar[type[ModelConfig]]
     weights_name: ClassVar[str] = WEIGHTS_NAME
+    #: Other libraries' ``_class_name`` values whose folders this class loads itself.
+    config_aliases: ClassVar[tuple[str, ...]] = ()
+    #: ``_class_name`` → ``"module:Class"`` of another architecture that loads such folders instead.
+    alternatives: ClassVar[dict[str, str]] = {}
     config: ModelConfig
 
     @property
@@ -304,25 +309,57 @@ class ModelMixin(nn.Module):
             local_files_only=local_files_only,
             token=token,
         )
-        config = cls.read_config(folder)
+        data = read_config_json(folder)
+        target = cls.class_for_config(data, folder)
+        return target.load_folder(folder, data, dtype=dtype, device=device)  # type: ignore[return-value]
+
+    @classmethod
+    def load_folder(
+        cls: type[ModelT],
+        folder: Path,
+        data: dict[str, Any],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> ModelT:
+        """Build the model from the parsed ``config.json`` ``data`` of ``folder`` and load its weights strictly."""
+        config = cls.config_from_dict(data, source=str(folder / CONFIG_NAME))
         files = weight_files(folder, cls.weights_name)
         with torch.device("meta"):
             model = cls(config)  # type: ignore[call-arg]
-        state = load_state_dict_strict(files, model.state_dict())
+        state = load_state_dict_strict(files, model.state_dict(), rename=cls.checkpoint_key)
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device=resolve_device(device), dtype=dtype).eval()
 
     @classmethod
-    def read_config(cls, folder: Path) -> ModelConfig:
-        """Read and check ``folder/config.json`` for this class."""
-        data = read_config_json(folder)
+    def class_for_config(cls, data: dict[str, Any], folder: Path) -> type[ModelMixin]:
+        """The class that loads a folder whose ``config.json`` says ``_class_name``: this class, or one of
+        its ``alternatives`` (another architecture behind the same public name).
+
+        Raises:
+            ValueError: the config describes a model this class cannot load.
+        """
         class_name = data.get("_class_name")
-        if class_name is not None and class_name != cls.__name__:
-            raise ValueError(
-                f"{folder / CONFIG_NAME} describes a {class_name!r}, not a {cls.__name__}: "
-                "is this the right folder or subfolder?"
-            )
-        return cls.config_class.from_dict(data, source=str(folder / CONFIG_NAME))
+        if class_name is None or class_name == cls.__name__ or class_name in cls.config_aliases:
+            return cls
+        if class_name in cls.alternatives:
+            module_name, _, attribute = cls.alternatives[class_name].partition(":")
+            return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
+        known = sorted({cls.__name__, *cls.config_aliases, *cls.alternatives})
+        raise ValueError(
+            f"{folder / CONFIG_NAME} describes a {class_name!r}, which {cls.__name__}.from_pretrained cannot load "
+            f"(it loads {', '.join(known)}): is this the right folder or subfolder?"
+        )
+
+    @classmethod
+    def config_from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
+        """The config from a parsed ``config.json``; subclasses translate other libraries' configs here."""
+        return cls.config_class.from_dict(data, source=source)
+
+    @classmethod
+    def checkpoint_key(cls, key: str) -> str | None:
+        """Map a key of a checkpoint file to this model's parameter name (``None``: not this model's)."""
+        return key
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``config.json`` and the safetensors weights into ``save_directory`` (created if needed)."""

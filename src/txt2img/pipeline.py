@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -24,10 +25,27 @@ from txt2img.generation import GeneratorArg, draw_noise
 from txt2img.images import OUTPUT_TYPES, numpy_to_pil, to_numpy, to_unit_range
 from txt2img.placement import resolve_device, resolve_dtype
 from txt2img.text_encoder import PromptEmbeds, TextEncoder
+from txt2img.unet import UNetGenerator
 from txt2img.vae import VAEDecoder
+from txt2img.vae_tiny import TinyVAEDecoder
+
+logger = logging.getLogger(__name__)
 
 MODEL_INDEX_NAME = "model_index.json"
-COMPONENT_CLASSES: dict[str, type] = {"TextEncoder": TextEncoder, "GANGenerator": GANGenerator, "VAEDecoder": VAEDecoder}
+COMPONENT_CLASSES: dict[str, type] = {
+    "TextEncoder": TextEncoder,
+    "GANGenerator": GANGenerator,
+    "UNetGenerator": UNetGenerator,
+    "VAEDecoder": VAEDecoder,
+    "TinyVAEDecoder": TinyVAEDecoder,
+}
+#: diffusers pipelines whose folders load as a Txt2ImgPipeline: component → (subfolder, class loading it).
+DIFFUSERS_PIPELINES = ("StableDiffusionPipeline",)
+DIFFUSERS_LAYOUT: dict[str, tuple[str, type]] = {
+    "text_encoder": ("text_encoder", TextEncoder),
+    "gan": ("unet", UNetGenerator),
+    "vae": ("vae", VAEDecoder),
+}
 PROGRESS_ENV = "TXT2IMG_DISABLE_PROGRESS_BAR"
 
 
@@ -48,13 +66,19 @@ class Txt2ImgPipeline:
 
     Args:
         text_encoder: Prompts → token features and pooled vectors.
-        gan: Noise + text features → latents, in one forward pass.
-        vae: Latents → images.
+        gan: Noise + text features → latents, in one forward pass: txt2img's ``GANGenerator`` or a one-step
+            ``UNetGenerator`` (SD-Turbo, SDXS).
+        vae: Latents → images: a KL ``VAEDecoder`` or a ``TinyVAEDecoder`` (TAESD).
     """
 
     component_names = ("text_encoder", "gan", "vae")
 
-    def __init__(self, text_encoder: TextEncoder, gan: GANGenerator, vae: VAEDecoder) -> None:
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        gan: GANGenerator | UNetGenerator,
+        vae: VAEDecoder | TinyVAEDecoder,
+    ) -> None:
         self.text_encoder = text_encoder
         self.gan = gan
         self.vae = vae
@@ -141,6 +165,11 @@ class Txt2ImgPipeline:
     ) -> Txt2ImgPipeline:
         """Load a pipeline: a ``model_index.json`` plus one subfolder per component.
 
+        Both txt2img's layout and diffusers' ``StableDiffusionPipeline`` layout load (SD-Turbo, SDXS, the
+        Stable Diffusion 1.x/2.x family): its ``text_encoder``/``tokenizer`` become the text encoder, its
+        ``unet`` and ``scheduler`` the generator, its ``vae`` (KL or tiny) the decoder. A safety checker and
+        feature extractor, if listed, are not loaded.
+
         Args:
             name_or_path: A local folder (read in place) or a Hub repo id (only the needed files are
                 downloaded into the Hub cache).
@@ -168,17 +197,16 @@ class Txt2ImgPipeline:
             raise ValueError(f"Unknown components {unknown}: a Txt2ImgPipeline has {list(cls.component_names)}.")
         fetch = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
         root = hub.resolve_folder(name_or_path, allow_patterns=[MODEL_INDEX_NAME], **fetch)
-        index = read_model_index(root)
-        needed = {name: component_class_for(root, index, name) for name in cls.component_names if name not in components}
+        needed = pipeline_layout(root, read_model_index(root), [n for n in cls.component_names if n not in components])
         if not Path(name_or_path).expanduser().is_dir() and needed:
             # Fetch the needed components' files at the very commit whose model_index.json was read.
-            patterns = [p for name, component_class in needed.items() for p in component_class.download_patterns(name)]
+            patterns = [p for subfolder, component_class in needed.values() for p in component_class.download_patterns(subfolder)]
             root = hub.resolve_folder(name_or_path, allow_patterns=patterns, **{**fetch, "revision": root.name})
         loaded = dict(components)
-        for name, component_class in needed.items():
-            if not (root / name).is_dir():
-                raise OSError(f"{root} has no folder {name!r} for the component {name!r} listed in {MODEL_INDEX_NAME}.")
-            loaded[name] = component_class.from_pretrained(root, subfolder=name, dtype=dtype, device=device)
+        for name, (subfolder, component_class) in needed.items():
+            if not (root / subfolder).is_dir():
+                raise OSError(f"{root} has no folder {subfolder!r} for the component {name!r} listed in {MODEL_INDEX_NAME}.")
+            loaded[name] = component_class.from_pretrained(root, subfolder=subfolder, dtype=dtype, device=device)
             loaded[name].to(memory_format=memory_format)
         return cls(**loaded)
 
@@ -224,6 +252,7 @@ class Txt2ImgPipeline:
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
+        num_inference_steps: int = 1,
         generator: GeneratorArg = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: PromptEmbeds | None = None,
@@ -238,7 +267,10 @@ class Txt2ImgPipeline:
             num_images_per_prompt: Images per prompt.
             height: Image height in pixels, a multiple of ``size_factor``; default ``default_size``.
             width: Image width in pixels, likewise.
-            generator: A ``torch.Generator``, or one per image, for reproducible noise.
+            num_inference_steps: Generator passes: 1 (the default, and the only value a GAN generator takes);
+                2–4 let a UNet generator re-noise and refine.
+            generator: A ``torch.Generator``, or one per image, for reproducible noise (drawn as diffusers
+                draws it, so the same seed gives the same noise as diffusers).
             latents: Noise to use instead of drawing it, of shape ``gan.noise_shape(B, h, w)``.
             prompt_embeds: Prompts already encoded by ``encode_prompt``.
             truncation_psi: Below 1, less variety and more typical images.
@@ -253,7 +285,7 @@ class Txt2ImgPipeline:
         """
         # 1. Check inputs
         height, width = self.check_inputs(
-            prompt, prompt_embeds, num_images_per_prompt, height, width, truncation_psi, output_type
+            prompt, prompt_embeds, num_images_per_prompt, height, width, num_inference_steps, truncation_psi, output_type
         )
         latent_height, latent_width = height // self.vae.scale_factor, width // self.vae.scale_factor
         with self._progress_bar(total=3) as progress:
@@ -263,8 +295,10 @@ class Txt2ImgPipeline:
             progress.update()
             # 3. Prepare the noise
             noise = self.prepare_noise(len(embeds), latent_height, latent_width, generator, latents)
-            # 4. Generate latents in one forward pass
-            result = self.generate_latents(noise, embeds, latent_height, latent_width, truncation_psi)
+            # 4. Generate latents: one forward pass (or num_inference_steps of a UNet generator)
+            result = self.generate_latents(
+                noise, embeds, latent_height, latent_width, num_inference_steps, truncation_psi, generator
+            )
             progress.update()
             # 5. Decode
             if output_type != "latent":
@@ -281,6 +315,7 @@ class Txt2ImgPipeline:
         num_images_per_prompt: int,
         height: int | None,
         width: int | None,
+        num_inference_steps: int,
         truncation_psi: float,
         output_type: str,
     ) -> tuple[int, int]:
@@ -298,6 +333,8 @@ class Txt2ImgPipeline:
                 raise TypeError(f"Every prompt must be a string; got {', '.join(sorted(set(bad)))}.")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         if not isinstance(truncation_psi, (int, float)) or not math.isfinite(truncation_psi):
             raise ValueError(f"truncation_psi must be a finite number, got {truncation_psi!r}.")
         if output_type not in OUTPUT_TYPES:
@@ -348,17 +385,24 @@ class Txt2ImgPipeline:
         return draw_noise(shape, generator, device=self.device, dtype=self.dtype)
 
     def generate_latents(
-        self, noise: torch.Tensor, embeds: PromptEmbeds, latent_height: int, latent_width: int, truncation_psi: float
+        self,
+        noise: torch.Tensor,
+        embeds: PromptEmbeds,
+        latent_height: int,
+        latent_width: int,
+        num_inference_steps: int,
+        truncation_psi: float,
+        generator: GeneratorArg,
     ) -> torch.Tensor:
-        """One forward pass of the generator: scaled latents (B, C, h, w)."""
-        return self.gan(
+        """The generator's latents for the noise: scaled latents (B, C, h, w)."""
+        return self.gan.generate(
             noise,
-            embeds.hidden_states,
-            embeds.pooled,
-            embeds.attention_mask,
+            embeds,
             height=latent_height,
             width=latent_width,
+            num_inference_steps=num_inference_steps,
             truncation_psi=truncation_psi,
+            generator=generator,
         )
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -405,6 +449,32 @@ def read_model_index(root: Path) -> dict[str, Any]:
     if not isinstance(index, dict):
         raise OSError(f"{path} must hold a JSON object.")
     return index
+
+
+def pipeline_layout(root: Path, index: dict[str, Any], names: list[str]) -> dict[str, tuple[str, type]]:
+    """Where the components ``names`` of a pipeline folder live and which classes load them:
+    ``{name: (subfolder, class)}``.
+
+    Raises:
+        OSError, ValueError: a component is missing, or the folder is a pipeline txt2img cannot run.
+    """
+    path = root / MODEL_INDEX_NAME
+    class_name = index.get("_class_name")
+    if class_name in DIFFUSERS_PIPELINES:
+        for subfolder, _ in DIFFUSERS_LAYOUT.values():
+            entry = index.get(subfolder)
+            if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+                raise OSError(f"{path} lists no {subfolder!r} component, which a {class_name} needs.")
+        skipped = [k for k in ("safety_checker", "feature_extractor", "image_encoder") if index.get(k) not in (None, [None, None])]
+        if skipped:
+            logger.info("%s: not loading %s (txt2img runs without them).", path, ", ".join(skipped))
+        return {name: DIFFUSERS_LAYOUT[name] for name in names}
+    if class_name not in (None, "Txt2ImgPipeline"):
+        raise ValueError(
+            f"{path} describes a {class_name}, which txt2img cannot run; it loads Txt2ImgPipeline folders and "
+            f"diffusers' {', '.join(DIFFUSERS_PIPELINES)} folders (SD-Turbo, SDXS, Stable Diffusion 1.x/2.x)."
+        )
+    return {name: (name, component_class_for(root, index, name)) for name in names}
 
 
 def component_class_for(root: Path, index: dict[str, Any], name: str) -> type:

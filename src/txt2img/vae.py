@@ -15,6 +15,7 @@ checkpoints load without a key map. ``VAEDecoder`` holds ``post_quant_conv`` + `
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ class VAEConfig(ModelConfig):
         layers_per_block: ResNet blocks per encoder stage (the decoder has one more).
         norm_num_groups: GroupNorm groups.
         mid_block_add_attention: Whether the middle block has its self-attention layer.
+        use_quant_conv: Whether the encoder ends with a 1×1 convolution of the moments.
+        use_post_quant_conv: Whether the decoder starts with a 1×1 convolution of the latents.
         scaling_factor: Multiplies raw latents to give the scaled latents the generator works in.
         shift_factor: Subtracted from raw latents before scaling (``None``: no shift).
         sample_size: Native image side in pixels.
@@ -49,6 +52,8 @@ class VAEConfig(ModelConfig):
     layers_per_block: int = 2
     norm_num_groups: int = 32
     mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
     sample_size: int = 512
@@ -57,6 +62,39 @@ class VAEConfig(ModelConfig):
     def scale_factor(self) -> int:
         """Pixels per latent pixel along each side."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+
+# diffusers AutoencoderKL config keys: the values txt2img implements, and keys that do not change the networks.
+DIFFUSERS_REQUIRED = {
+    "act_fn": ("silu",),
+    "down_block_types": ("DownEncoderBlock2D",),
+    "up_block_types": ("UpDecoderBlock2D",),
+}
+DIFFUSERS_IGNORED = ("force_upcast", "latents_mean", "latents_std")
+
+
+def config_from_diffusers(data: dict[str, Any], source: str) -> VAEConfig:
+    """A ``VAEConfig`` from a diffusers ``AutoencoderKL`` config (or txt2img's own), refusing what differs.
+
+    ``scaling_factor`` defaults to 0.18215 and ``shift_factor`` to none, as in diffusers.
+
+    Raises:
+        ValueError: a block type or activation txt2img does not implement, or wrong value types.
+    """
+    refused = []
+    for key, allowed in DIFFUSERS_REQUIRED.items():
+        value = data.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and any(v not in allowed for v in values):
+            refused.append(f"{key}={value!r} (supported: {allowed[0]!r})")
+    if refused:
+        raise ValueError(f"{source} describes an autoencoder txt2img does not implement: {'; '.join(refused)}.")
+    kept = {k: v for k, v in data.items() if k not in DIFFUSERS_REQUIRED and k not in DIFFUSERS_IGNORED}
+    if isinstance(kept.get("sample_size"), (list, tuple)):  # diffusers allows [height, width]
+        kept["sample_size"] = int(kept["sample_size"][0])
+    if kept.get("scaling_factor") is None:
+        kept.pop("scaling_factor", None)
+    return VAEConfig.from_dict(kept, source=source)
 
 
 def unscale_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
@@ -212,12 +250,28 @@ class VAEDecoder(ModelMixin):
 
     config_class = VAEConfig
     config: VAEConfig
+    config_aliases: ClassVar[tuple[str, ...]] = ("AutoencoderKL",)
+    alternatives: ClassVar[dict[str, str]] = {
+        "AutoencoderTiny": "txt2img.vae_tiny:TinyVAEDecoder",
+        "TinyVAEDecoder": "txt2img.vae_tiny:TinyVAEDecoder",
+    }
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.post_quant_conv = (
+            nn.Conv2d(config.latent_channels, config.latent_channels, 1) if config.use_post_quant_conv else None
+        )
         self.decoder = Decoder(config)
+
+    @classmethod
+    def config_from_dict(cls, data: dict[str, Any], source: str = "config") -> VAEConfig:
+        return config_from_diffusers(data, source)
+
+    @classmethod
+    def checkpoint_key(cls, key: str) -> str | None:
+        """A full autoencoder's file also holds the encoder: its keys are skipped."""
+        return None if key.startswith(("encoder.", "quant_conv.")) else key
 
     @property
     def scale_factor(self) -> int:
@@ -242,7 +296,9 @@ class VAEDecoder(ModelMixin):
                 f"got {tuple(latents.shape)}."
             )
         raw = unscale_latents(latents, self.config.scaling_factor, self.config.shift_factor)
-        return self.decoder(self.post_quant_conv(raw))
+        if self.post_quant_conv is not None:
+            raw = self.post_quant_conv(raw)
+        return self.decoder(raw)
 
 
 class VAEEncoder(ModelMixin):
@@ -254,12 +310,23 @@ class VAEEncoder(ModelMixin):
 
     config_class = VAEConfig
     config: VAEConfig
+    config_aliases: ClassVar[tuple[str, ...]] = ("AutoencoderKL",)
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        channels = 2 * config.latent_channels
+        self.quant_conv = nn.Conv2d(channels, channels, 1) if config.use_quant_conv else None
+
+    @classmethod
+    def config_from_dict(cls, data: dict[str, Any], source: str = "config") -> VAEConfig:
+        return config_from_diffusers(data, source)
+
+    @classmethod
+    def checkpoint_key(cls, key: str) -> str | None:
+        """A full autoencoder's file also holds the decoder: its keys are skipped."""
+        return None if key.startswith(("decoder.", "post_quant_conv.")) else key
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(images)
@@ -270,7 +337,9 @@ class VAEEncoder(ModelMixin):
         Returns:
             ``(mean, logvar)`` of the raw latent posterior, each (B, latent_channels, H/f, W/f).
         """
-        moments = self.quant_conv(self.encoder(images))
+        moments = self.encoder(images)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 

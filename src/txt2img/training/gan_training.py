@@ -25,7 +25,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from txt2img.gan import GANGenerator
-from txt2img.text_encoder import PromptEmbeds
 from txt2img.training.checkpoint import load_checkpoint, save_checkpoint
 from txt2img.training.clip import LatentCLIP, contrastive_loss, same_captions
 
@@ -238,7 +237,7 @@ def train_gan(
 
         # Discriminator: reals up, fakes and mismatched reals down, R1 on reals every r1_every steps.
         with torch.no_grad():
-            fake = generate(g, z, text)
+            fake = g.generate(z, text)
         mismatched_pooled = text.pooled.roll(1, dims=0)
         r1_step = training.r1_every > 0 and step % training.r1_every == 0
         real_in = aug(real).detach().requires_grad_(r1_step)
@@ -253,7 +252,7 @@ def train_gan(
 
         # Generator: fool the discriminator, and match the text under the frozen latent CLIP.
         d.requires_grad_(False)
-        fake = generate(g, z, text)
+        fake = g.generate(z, text)
         loss_adv = g_hinge_loss(d(aug(fake), text.pooled))
         loss_clip = contrastive_loss(clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions))
         loss_g = loss_adv + training.clip_weight * loss_clip
@@ -271,8 +270,3 @@ def train_gan(
         if out is not None and training.checkpoint_every and state.step % training.checkpoint_every == 0:
             state.save(out / "checkpoint")
     return state
-
-
-def generate(generator: GANGenerator, z: torch.Tensor, text: PromptEmbeds) -> torch.Tensor:
-    """Scaled latents for noise ``z`` and encoded prompts ``text``."""
-    return generator(z, text.hidden_states, text.pooled, text.attention_mask)

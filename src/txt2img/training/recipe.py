@@ -43,7 +43,7 @@ from txt2img.training.clip import (
     train_latent_clip,
 )
 from txt2img.training.evaluate import evaluate, pipeline_generator
-from txt2img.training.gan_training import GANTrainingConfig, generate, make_state, train_gan
+from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
 from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
 
@@ -222,7 +222,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     @torch.no_grad()
     def write_samples(generator: GANGenerator, path: Path) -> None:
         prompts = [p for p in SAMPLE_PROMPTS for _ in range(4)]
-        latents = generate(generator, sample_noise, text_encoder.encode(prompts))
+        latents = generator.generate(sample_noise, text_encoder.encode(prompts))
         images = to_uint8(to_numpy(to_unit_range(decoder.decode(latents))))
         grid(images, cols=8).save(path)
 
