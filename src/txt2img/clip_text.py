@@ -97,7 +97,8 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D) + (L, D)
 
 
 class CLIPAttention(nn.Module):

@@ -22,8 +22,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from txt2img import hub
-from txt2img.placement import resolve_device, resolve_dtype
+from txt2img import hub, offload, precision
+from txt2img.placement import place, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -248,11 +248,13 @@ class ModelMixin(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the model computes (with offloading, the execution device, not where its weights rest)."""
+        return offload.execution_device(self)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The dtype the model computes in (its weights may be stored in a smaller one: ``txt2img.precision``)."""
+        return precision.compute_dtype(self)
 
     @classmethod
     def download_patterns(cls, subfolder: str | None) -> list[str]:
@@ -289,7 +291,8 @@ class ModelMixin(nn.Module):
             cache_dir: Hub cache folder.
             local_files_only: Make no network request; use the local folder or the Hub cache only.
             token: Hub token for private or gated repos.
-            dtype: Weight dtype (``torch.float32``, ``"float16"``, ...); default float32.
+            dtype: Weight dtype (``torch.float32``, ``"float16"``, ...); default ``"auto"`` (float32 on CPUs,
+                half precision on GPUs; see ``txt2img.placement``).
             device: Where to put the model; default CPU.
             torch_dtype: Deprecated name of ``dtype``.
 
@@ -300,7 +303,7 @@ class ModelMixin(nn.Module):
             OSError: missing or corrupt files, weights that do not match the config.
             ValueError: a config with missing keys, wrong types or for another class.
         """
-        dtype = resolve_dtype(dtype, torch_dtype)
+        dtype = resolve_dtype(dtype, torch_dtype, device)
         folder = hub.resolve_folder(
             name_or_path,
             subfolder=subfolder,
@@ -329,7 +332,7 @@ class ModelMixin(nn.Module):
             model = cls(config)  # type: ignore[call-arg]
         state = load_state_dict_strict(files, model.state_dict(), rename=cls.checkpoint_key)
         model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device=resolve_device(device), dtype=dtype).eval()
+        return place(model, resolve_device(device), dtype).eval()  # type: ignore[return-value]
 
     @classmethod
     def class_for_config(cls, data: dict[str, Any], folder: Path) -> type[ModelMixin]:

@@ -6,11 +6,13 @@ pipeline, so concurrent calls from several threads give the same images as calls
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from txt2img import hub
+from txt2img import hub, precision
+from txt2img.attention import SliceSize, set_attention_slicing
 from txt2img.gan import GANGenerator
 from txt2img.generation import GeneratorArg, draw_noise
 from txt2img.images import OUTPUT_TYPES, numpy_to_pil, to_numpy, to_unit_range
-from txt2img.placement import resolve_device, resolve_dtype
+from txt2img.offload import DeviceStore, DiskStore, Offloader, default_execution_device
+from txt2img.placement import place, resolve_device, resolve_dtype
 from txt2img.text_encoder import PromptEmbeds, TextEncoder
 from txt2img.unet import UNetGenerator
 from txt2img.vae import VAEDecoder
@@ -83,6 +87,7 @@ class Txt2ImgPipeline:
         self.gan = gan
         self.vae = vae
         self._progress_bar_config: dict[str, Any] = {}
+        self._offloader: Offloader | None = None
 
     # -----------------------------------------------------------------------------------------------------
     # Properties and placement
@@ -94,12 +99,12 @@ class Txt2ImgPipeline:
 
     @property
     def device(self) -> torch.device:
-        """The execution device (the generator's)."""
-        return self.gan.device
+        """The execution device (the generator's; with offloading, where components compute)."""
+        return self._offloader.execution_device if self._offloader is not None else self.gan.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The generator's dtype."""
+        """The dtype the generator computes in."""
         return self.gan.dtype
 
     @property
@@ -124,13 +129,82 @@ class Txt2ImgPipeline:
         ``torch.channels_last`` (the default of ``from_pretrained``) makes convolutions several times faster
         on CPUs; ``torch.contiguous_format`` undoes it.
         """
+        if self._offloader is not None and (device is not None or dtype is not None):
+            if self._offloader.sequential:
+                raise RuntimeError(
+                    "This pipeline uses sequential CPU offload, which places every layer itself: .to() would "
+                    "break it. Call pipe.disable_offload() first."
+                )
+            warnings.warn("pipe.to() turns model CPU offload off: every component now stays on the device.", stacklevel=2)
+            self.disable_offload()
         target = resolve_device(device) if device is not None else None
-        cast = resolve_dtype(dtype) if dtype is not None else None
+        cast = resolve_dtype(dtype, device=target or self.device) if dtype is not None else None
         for component in self.components.values():
-            component.to(device=target, dtype=cast)
+            place(component, target, cast)
             if memory_format is not None:
                 component.to(memory_format=memory_format)
         return self
+
+    # -----------------------------------------------------------------------------------------------------
+    # Offloading and memory
+
+    def enable_model_cpu_offload(self, device: torch.device | str | None = None) -> None:
+        """Keep every component off the execution device except while it runs, one component at a time.
+
+        With an accelerator the components rest in CPU memory. On a machine without one (``device`` ``None``
+        or ``"cpu"``) they rest on disk: their weights are written once to a private temporary folder and
+        memory-mapped only while each runs, so the peak memory is about that of the largest component.
+        Calling it again re-applies it; ``disable_offload`` undoes it. Concurrent calls of an offloaded
+        pipeline run one after another.
+
+        Args:
+            device: The execution device; default CUDA, else MPS, else the CPU.
+        """
+        self._enable_offload(device, sequential=False)
+
+    def enable_sequential_cpu_offload(self, device: torch.device | str | None = None) -> None:
+        """Like :meth:`enable_model_cpu_offload`, per layer: each submodule's weights come onto the device
+        only for its own forward pass. The lowest memory, and the slowest (a move per layer per call);
+        ``.to()`` is refused while it is on.
+
+        Args:
+            device: The execution device; default CUDA, else MPS, else the CPU.
+        """
+        self._enable_offload(device, sequential=True)
+
+    def disable_offload(self) -> None:
+        """Undo offloading: every component back on the execution device (in memory), hooks removed."""
+        if self._offloader is not None:
+            self._offloader.remove()
+            self._offloader = None
+
+    def enable_attention_slicing(self, slice_size: SliceSize = "auto") -> None:
+        """Compute attention in chunks of queries, so that its peak memory falls where attention is the peak.
+
+        Args:
+            slice_size: ``"auto"`` (default) slices only where PyTorch would build the full score matrix
+                (no fused kernel for the device, dtype or mask) and it would exceed 256 MiB; ``"max"``
+                slices into chunks of 256 queries; an int sets the queries per chunk; ``None`` turns it off.
+                Results equal unsliced ones within float tolerance. On CPUs and recent CUDA GPUs PyTorch's
+                fused kernels never build the full matrix, so ``"auto"`` does nothing there and an explicit
+                size only costs time (about 1.3× for ``"max"`` on this project's CPUs).
+        """
+        for component in self.components.values():
+            set_attention_slicing(component, slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        """Compute attention in one piece again."""
+        self.enable_attention_slicing(None)
+
+    def _enable_offload(self, device: torch.device | str | None, *, sequential: bool) -> None:
+        target = resolve_device(device) if device is not None else default_execution_device()
+        self.disable_offload()
+        store = DiskStore() if target.type == "cpu" else DeviceStore(target)
+        components = {name: component for name, component in self.components.items()}
+        self._offloader = Offloader(components, store, sequential=sequential)
+
+    def _call_lock(self) -> Any:
+        return self._offloader.lock if self._offloader is not None else contextlib.nullcontext()
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for the tqdm progress bar of each call, e.g. ``disable=True``.
@@ -173,7 +247,9 @@ class Txt2ImgPipeline:
         Args:
             name_or_path: A local folder (read in place) or a Hub repo id (only the needed files are
                 downloaded into the Hub cache).
-            dtype: Weight dtype of every loaded component; default float32.
+            dtype: Weight dtype of every loaded component; default ``"auto"``: float32 on CPUs, bfloat16 on
+                CUDA GPUs that have it (else float16), float16 on MPS. Half precision asked for on a CPU is
+                stored as asked but computed in float32 (see ``txt2img.placement``).
             device: Where to put them; default CPU.
             revision: Hub branch, tag or commit sha.
             cache_dir: Hub cache folder.
@@ -191,7 +267,7 @@ class Txt2ImgPipeline:
             OSError: the model, a component folder or a file is missing or broken.
             ValueError: an unknown component class or keyword.
         """
-        dtype = resolve_dtype(dtype, torch_dtype)
+        dtype = resolve_dtype(dtype, torch_dtype, device)
         unknown = sorted(set(components) - set(cls.component_names))
         if unknown:
             raise ValueError(f"Unknown components {unknown}: a Txt2ImgPipeline has {list(cls.component_names)}.")
@@ -288,7 +364,7 @@ class Txt2ImgPipeline:
             prompt, prompt_embeds, num_images_per_prompt, height, width, num_inference_steps, truncation_psi, output_type
         )
         latent_height, latent_width = height // self.vae.scale_factor, width // self.vae.scale_factor
-        with self._progress_bar(total=3) as progress:
+        with self._call_lock(), self._progress_bar(total=3) as progress:
             # 2. Encode the prompt
             embeds = prompt_embeds if prompt_embeds is not None else self.encode_prompt(prompt)  # type: ignore[arg-type]
             embeds = embeds.repeat_interleave(num_images_per_prompt).to(self.device, self.dtype)
@@ -304,6 +380,8 @@ class Txt2ImgPipeline:
             if output_type != "latent":
                 result = self.decode_latents(result)
             progress.update()
+            if self._offloader is not None:
+                self._offloader.rest_all()
         # 6. Post-process
         images = self.postprocess(result, output_type)
         return Txt2ImgPipelineOutput(images) if return_dict else (images,)
@@ -356,7 +434,7 @@ class Txt2ImgPipeline:
 
     def encode_prompt(self, prompt: str | list[str]) -> PromptEmbeds:
         """Encode prompts with the text encoder (reusable as ``prompt_embeds=``)."""
-        return self.text_encoder.encode([prompt] if isinstance(prompt, str) else list(prompt))
+        return self.text_encoder([prompt] if isinstance(prompt, str) else list(prompt))
 
     def prepare_noise(
         self,
@@ -406,14 +484,25 @@ class Txt2ImgPipeline:
         )
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents → images (B, 3, H, W) in [-1, 1]; non-finite values are an error, not a black image."""
-        images = self.vae.decode(latents.to(self.vae.device, self.vae.dtype))
-        if not torch.isfinite(images).all():
-            raise FloatingPointError(
-                f"The decoder produced NaN or infinite values in {self.vae.dtype}; "
-                "load the pipeline with dtype=torch.float32."
-            )
-        return images
+        """Scaled latents → images (B, 3, H, W) in [-1, 1].
+
+        Non-finite values never become a black image: a decoder computing in half precision (whose
+        activations can overflow, as Stable Diffusion's VAE does in float16) retries once with a float32 copy
+        of its weights; if that fails too, or the decoder already computes in float32, it is an error.
+        """
+        images = self.vae(latents.to(self.vae.device, self.vae.dtype))
+        if torch.isfinite(images).all():
+            return images
+        if self.vae.dtype != torch.float32 and not (self._offloader is not None and self._offloader.sequential):
+            logger.warning("The decoder overflowed in %s; decoding again in float32.", self.vae.dtype)
+            images = precision.float32_copy(self.vae)(latents.to(self.vae.device, torch.float32))
+            if torch.isfinite(images).all():
+                return images
+        raise FloatingPointError(
+            f"The decoder produced NaN or infinite values (computing in {self.vae.dtype}). If the latents are "
+            "finite, the decoder's weights may be broken; with half precision, load the pipeline with "
+            "dtype=torch.float32 or dtype=torch.bfloat16."
+        )
 
     def postprocess(self, images: torch.Tensor, output_type: str) -> list[Image.Image] | np.ndarray | torch.Tensor:
         """Decoded images (or latents) → the requested ``output_type``."""

@@ -1,17 +1,27 @@
 """Device and dtype policy: one place that turns the user's ``device=`` and ``dtype=`` into torch objects.
 
 - ``device=None`` is the CPU; a string such as ``"cuda"`` or ``"cuda:1"`` is checked against the hardware.
-- ``dtype=None`` is float32. ``"auto"`` is float16 on CUDA and float32 elsewhere: CPUs without native
-  half-precision arithmetic emulate it at a large cost (a small VAE decode: 0.28 s in float32, 65 s in
-  float16 on our 2-core test machines).
+- ``dtype=None`` means ``"auto"``: bfloat16 on CUDA GPUs that have it (float16 on older ones), float16 on
+  Apple MPS, float32 on CPUs.
+- On a CPU, PyTorch emulates float16/bfloat16 arithmetic at a large cost (a small VAE decode: 0.28 s in
+  float32, 65 s in float16 on our 2-core test machines). An explicit half-precision ``dtype`` there stores the
+  weights in that type (half the memory) and computes every layer in float32 (``txt2img.precision``), with a
+  warning once per process.
 - ``torch_dtype=`` is the older name of ``dtype=``: accepted with a warning, refused together with it.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
+from torch import nn
+
+from txt2img import precision
+
+logger = logging.getLogger(__name__)
+_warned_cpu_half = False
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -60,7 +70,7 @@ def resolve_dtype(
         warnings.warn("torch_dtype= is deprecated: use dtype=.", FutureWarning, stacklevel=3)
         dtype = torch_dtype
     if dtype is None:
-        return torch.float32
+        return auto_dtype(device)
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype={dtype} is not a floating-point type: use float32, float16 or bfloat16.")
@@ -68,8 +78,46 @@ def resolve_dtype(
     if isinstance(dtype, str):
         name = dtype.lower().removeprefix("torch.")
         if name == "auto":
-            on_cuda = device is not None and torch.device(device).type == "cuda"
-            return torch.float16 if on_cuda else torch.float32
+            return auto_dtype(device)
         if name in _DTYPE_NAMES:
             return _DTYPE_NAMES[name]
     raise ValueError(f"dtype={dtype!r} is not supported: use 'float32', 'float16', 'bfloat16' or 'auto'.")
+
+
+def auto_dtype(device: torch.device | str | None) -> torch.dtype:
+    """The dtype ``"auto"`` picks for ``device``: bfloat16 on CUDA GPUs that support it (its float32 range
+    avoids the overflows of float16 VAEs), else float16; float16 on MPS; float32 on CPUs."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def computes_natively(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``device`` runs ``dtype`` arithmetic at full speed (CPUs: only float32 and float64)."""
+    return device.type != "cpu" or dtype in (torch.float32, torch.float64)
+
+
+def place(module: nn.Module, device: torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+    """Move ``module`` to ``device`` and store its weights in ``dtype`` (``None``: unchanged). Where the device
+    would emulate ``dtype`` (half precision on a CPU), the layers compute in float32 instead; returns ``module``."""
+    global _warned_cpu_half
+    module.to(device=device, dtype=dtype)
+    first = next((t for t in module.parameters() if t.is_floating_point()), None)
+    if first is None:
+        return module
+    stored, target = dtype or first.dtype, device or first.device
+    if computes_natively(target, stored):
+        precision.set_compute_dtype(module, None)
+    else:
+        if not _warned_cpu_half:
+            _warned_cpu_half = True
+            logger.warning(
+                "%s weights on the CPU: stored in %s (half the memory) but computed in float32, because this "
+                "CPU emulates %s arithmetic at a large cost. Use dtype=torch.float32 to store float32 weights.",
+                str(stored).removeprefix("torch."), stored, str(stored).removeprefix("torch."),
+            )
+        precision.set_compute_dtype(module, torch.float32)
+    return module

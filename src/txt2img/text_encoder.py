@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from txt2img import hub
+from txt2img import hub, offload, precision
 from txt2img.clip_text import CLIPTextModel
 from txt2img.modeling import CONFIG_NAME, ModelConfig, read_config_json, weight_files
-from txt2img.placement import resolve_device, resolve_dtype
+from txt2img.placement import place, resolve_device, resolve_dtype
 from txt2img.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -101,11 +101,13 @@ class TextEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the text model computes (with offloading, the execution device)."""
+        return offload.execution_device(self)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The dtype the text model computes in (its weights may be stored in a smaller one)."""
+        return precision.compute_dtype(self)
 
     @property
     def max_length(self) -> int:
@@ -213,7 +215,7 @@ class TextEncoder(nn.Module):
             cache_dir: Hub cache folder.
             local_files_only: Make no network request.
             token: Hub token for private or gated repos.
-            dtype: Weight dtype; default float32.
+            dtype: Weight dtype; default ``"auto"`` (float32 on CPUs, half precision on GPUs).
             device: Where to put the model; default CPU.
             torch_dtype: Deprecated name of ``dtype``.
 
@@ -224,7 +226,7 @@ class TextEncoder(nn.Module):
             OSError: missing or corrupt files, weights that do not match the config.
             ValueError: a config for an unknown architecture.
         """
-        dtype = resolve_dtype(dtype, torch_dtype)
+        dtype = resolve_dtype(dtype, torch_dtype, device)
         folder = hub.resolve_folder(
             name_or_path,
             subfolder=subfolder,
@@ -242,7 +244,8 @@ class TextEncoder(nn.Module):
         model = native.from_folder(folder, data, dtype) if native else _load_text_model(folder, data, dtype)
         limit = data.get("max_position_embeddings")
         tokenizer = _load_tokenizer(folder, config.max_length, int(limit) if limit else None)
-        return cls(tokenizer, model, config).to(resolve_device(device)).eval()
+        encoder = cls(tokenizer, model, config)
+        return place(encoder, resolve_device(device), dtype).eval()  # type: ignore[return-value]
 
 
 def _model_class(folder: Path, data: dict[str, Any]) -> type[PreTrainedModel]:
