@@ -24,6 +24,7 @@ from torch import nn
 from txt2img.attention import SpatialSelfAttention
 from txt2img.layers import Downsample, ResnetBlock, Upsample
 from txt2img.modeling import ModelConfig, ModelMixin
+from txt2img.vae_tiling import DecodeTiling
 
 
 @dataclasses.dataclass
@@ -241,8 +242,12 @@ class Encoder(nn.Module):
 # Models
 
 
-class VAEDecoder(ModelMixin):
+class VAEDecoder(DecodeTiling, ModelMixin):
     """Turns the generator's latents into images: the decoding half of a KL autoencoder.
+
+    ``enable_slicing`` / ``enable_tiling`` bound the decode's memory for large batches and images
+    (``txt2img.vae_tiling``); tiled images differ slightly from untiled ones, as GroupNorm and the mid block's
+    self-attention see one tile only.
 
     Args:
         config: The autoencoder's shape and latent scaling.
@@ -296,6 +301,9 @@ class VAEDecoder(ModelMixin):
                 f"got {tuple(latents.shape)}."
             )
         raw = unscale_latents(latents, self.config.scaling_factor, self.config.shift_factor)
+        return self._decode_tiled_or_sliced(raw, self._decode_raw)
+
+    def _decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
             raw = self.post_quant_conv(raw)
         return self.decoder(raw)

@@ -30,6 +30,7 @@ from torch import nn
 
 from txt2img.modeling import ModelConfig, ModelMixin
 from txt2img.vae import unscale_latents
+from txt2img.vae_tiling import DecodeTiling
 
 #: ``act_fn`` values, as diffusers' ``get_activation`` names them (case-insensitive).
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -171,10 +172,11 @@ class TinyDecoder(nn.Module):
 # Model
 
 
-class TinyVAEDecoder(ModelMixin):
+class TinyVAEDecoder(DecodeTiling, ModelMixin):
     """Turns the generator's latents into images with TAESD's decoder: a drop-in, cheaper ``VAEDecoder``.
 
     Loads diffusers ``AutoencoderTiny`` folders (e.g. ``madebyollin/taesd``) as well as its own.
+    ``enable_slicing`` / ``enable_tiling`` bound the decode's memory (``txt2img.vae_tiling``).
 
     Args:
         config: The decoder's shape and latent scaling.
@@ -229,4 +231,5 @@ class TinyVAEDecoder(ModelMixin):
                 f"got {tuple(latents.shape)}."
             )
         raw = unscale_latents(latents, self.config.scaling_factor, self.config.shift_factor)
-        return self.decoder(raw).mul(2).sub(1)  # [0, 1] → [-1, 1], in diffusers' order of operations
+        images = self._decode_tiled_or_sliced(raw, self.decoder)
+        return images.mul(2).sub(1)  # [0, 1] → [-1, 1], in diffusers' order of operations
