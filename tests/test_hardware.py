@@ -266,3 +266,26 @@ def test_attention_slicing_through_the_pipeline(offloaded: Txt2ImgPipeline, expe
     assert all(m.slice_size is None for m in attentions)
     with pytest.raises(ValueError, match="slice_size"):
         offloaded.enable_attention_slicing(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The prompt cache
+
+
+def test_an_encoded_prompt_is_not_encoded_again_until_the_weights_change(saved_pipeline: Path) -> None:
+    pipe = Txt2ImgPipeline.from_pretrained(saved_pipeline)
+    calls = []
+    pipe.text_encoder.model.register_forward_hook(lambda *args: calls.append(1))
+    with torch.inference_mode():
+        first = pipe.text_encoder.encode(PROMPTS)
+        again = pipe.text_encoder.encode(list(PROMPTS))
+        assert again is first and len(calls) == 1  # served from the cache
+        pipe.text_encoder.encode(PROMPTS[:1])
+        assert len(calls) == 2  # other tokens: encoded
+    with torch.no_grad():
+        next(pipe.text_encoder.model.parameters()).mul_(1.5)  # weights changed in place
+        changed = pipe.text_encoder.encode(PROMPTS)
+    assert len(calls) == 3 and not torch.equal(changed.hidden_states, first.hidden_states)
+    pipe.text_encoder.encode(PROMPTS)  # with gradients on (training): never cached
+    pipe.text_encoder.encode(PROMPTS)
+    assert len(calls) == 5

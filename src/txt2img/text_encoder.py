@@ -13,10 +13,12 @@ Other encoder architectures load through transformers.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TEXT_WEIGHTS_NAME = "model.safetensors"
+CACHE_SIZE = 32  # encoded prompt batches kept by each TextEncoder
 NATIVE_MODEL_TYPES = {"clip_text_model": CLIPTextModel}
 
 
@@ -98,6 +101,8 @@ class TextEncoder(nn.Module):
             tokenizer = Tokenizer.from_transformers(tokenizer, self.config.max_length, limit)
         self.tokenizer = tokenizer
         self.model = model
+        self._cache: collections.OrderedDict[tuple[Any, ...], PromptEmbeds] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -141,6 +146,10 @@ class TextEncoder(nn.Module):
     def encode(self, prompts: str | list[str]) -> PromptEmbeds:
         """Encode prompts.
 
+        Without gradients (as in a pipeline call), the last ``CACHE_SIZE`` results are kept, keyed on the
+        token ids, the settings, the device, the dtype and the weights' version counters: prompts encoded
+        before cost only their tokenization. The cached tensors are shared: do not modify them in place.
+
         Args:
             prompts: A prompt or a list of prompts.
 
@@ -151,6 +160,35 @@ class TextEncoder(nn.Module):
         if isinstance(prompts, str):
             prompts = [prompts]
         input_ids, mask = self.tokenize(prompts)
+        key = self._cache_key(input_ids, mask) if not torch.is_grad_enabled() else None
+        if key is not None:
+            with self._cache_lock:
+                cached = self._cache.get(key)
+                if cached is not None:
+                    self._cache.move_to_end(key)
+                    return cached
+        embeds = self._encode_tokens(input_ids, mask)
+        if key is not None:
+            with self._cache_lock:
+                self._cache[key] = embeds
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return embeds
+
+    def _cache_key(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, ...]:
+        versions = sum(t._version for t in self.model.parameters())  # bumped by every in-place change
+        return (
+            tuple(input_ids.shape),
+            input_ids.numpy().tobytes(),
+            mask.numpy().tobytes(),
+            self.config.clip_skip,
+            self.config.use_attention_mask,
+            str(self.device),
+            self.dtype,
+            versions,
+        )
+
+    def _encode_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> PromptEmbeds:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         skip = self.config.clip_skip
         out = self.model(
