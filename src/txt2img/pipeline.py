@@ -256,8 +256,8 @@ class Txt2ImgPipeline:
             local_files_only: Make no network request.
             token: Hub token for private or gated repos.
             torch_dtype: Deprecated name of ``dtype``.
-            memory_format: How convolution weights are stored; ``torch.channels_last`` (default) is several
-                times faster on CPUs than ``torch.contiguous_format``.
+            memory_format: How convolution weights of every component (passed-in ones included) are stored;
+                ``torch.channels_last`` (default) is several times faster on CPUs than ``torch.contiguous_format``.
             **components: Components to use instead of loading them (``text_encoder=``, ``gan=``, ``vae=``).
 
         Returns:
@@ -283,7 +283,8 @@ class Txt2ImgPipeline:
             if not (root / subfolder).is_dir():
                 raise OSError(f"{root} has no folder {subfolder!r} for the component {name!r} listed in {MODEL_INDEX_NAME}.")
             loaded[name] = component_class.from_pretrained(root, subfolder=subfolder, dtype=dtype, device=device)
-            loaded[name].to(memory_format=memory_format)
+        for component in loaded.values():  # passed-in components too: the pipeline runs them
+            component.to(memory_format=memory_format)
         return cls(**loaded)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

@@ -1,0 +1,348 @@
+"""txt2img against diffusers on identical weights: SD-Turbo's architecture (SD 2.1 UNet, SD VAE, SD 2 text
+encoder, real sizes) with seeded random weights, one step, float32, CPU.
+
+Prints markdown tables: end-to-end latency (prompt → ``np`` image) of both libraries, alternating A B A B in
+one process, with the SD VAE and with TAESD; the embedded default model; this machine's peak FLOP/s; and, per
+txt2img component, FLOPs per image, time, FLOP/s and the fraction of that peak. The pipelines are built once
+and cached under the temp dir. The table in docs/speed.md comes from:
+
+    python benchmarks/compare_diffusers.py --sizes 256,512 --batches 1,4 --runs 5
+
+Smoke run (tiny configurations, 64 × 64, one run): ``python benchmarks/compare_diffusers.py --tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, StableDiffusionPipeline
+from sd_turbo_random import CACHE, char_tokenizer, randomize  # benchmarks/, on sys.path when run as a script
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import txt2img
+from txt2img import DEFAULT_MODEL, TinyVAEDecoder, Txt2ImgPipeline
+
+TOLERANCE = 2e-3
+PROMPT = "a photo of a red fox in the snow"
+KL_BLOCKS = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
+FULL = {  # SD-Turbo: the SD 2.1 UNet, the SD VAE, the SD 2 (OpenCLIP ViT-H) text tower; TAESD's defaults
+    "unet": {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280),
+             "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
+             "use_linear_projection": True},
+    "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "sample_size": 512,
+            **KL_BLOCKS},
+    "text": {"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+             "num_hidden_layers": 23, "max_position_embeddings": 77, "hidden_act": "gelu",
+             "projection_dim": 512},
+    "taesd": {},
+}
+TINY = {
+    "unet": {"sample_size": 8, "block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8,
+             "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+             "cross_attention_dim": 32, "attention_head_dim": (2, 4), "use_linear_projection": True},
+    "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 4,
+            "sample_size": 64, **KL_BLOCKS},
+    "text": {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+             "num_hidden_layers": 3, "max_position_embeddings": 77, "hidden_act": "gelu"},
+    "taesd": {"encoder_block_out_channels": (8,) * 4, "decoder_block_out_channels": (8,) * 4,
+              "num_encoder_blocks": (1,) * 4, "num_decoder_blocks": (1,) * 4},
+}
+SD_TURBO_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                      "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                      "timestep_spacing": "trailing", "steps_offset": 1}
+# FlopCounterMode has no formula for the flash-attention kernel that SDPA runs on CPUs: count it as SDPA.
+CPU_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                  lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the random-weight pipeline (once; cached)
+
+
+def build_folder(tiny: bool) -> Path:
+    """A diffusers ``StableDiffusionPipeline`` folder with seeded random weights, plus ``taesd/`` in it."""
+    folder = CACHE / ("diffusers-sd-turbo-random" + ("-tiny" if tiny else ""))
+    if (folder / "model_index.json").is_file() and (folder / "taesd" / "config.json").is_file():
+        return folder
+    configs = TINY if tiny else FULL
+    with torch.device("meta"):  # diffusers' own init of an 865 M-parameter UNet takes minutes
+        unet = diffusers.UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}  # char_tokenizer's ids
+        text = CLIPTextModel(CLIPTextConfig(**configs["text"], **special))
+    unfinished = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(unfinished, ignore_errors=True)
+    vocab = unfinished / "vocab"
+    char_tokenizer(vocab)  # writes vocab.json and merges.txt: one token per character
+    tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77,
+                              pad_token="!")  # SD 2 pads with "!"
+    pipe = StableDiffusionPipeline(
+        vae=randomize(vae, 2), text_encoder=randomize(text, 0), tokenizer=tokenizer, unet=randomize(unet, 1),
+        scheduler=EulerDiscreteScheduler(**SD_TURBO_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(unfinished)
+    torch.manual_seed(3)  # TAESD is small: default init is quick, and unlike randomize() gives a varied image
+    AutoencoderTiny(**configs["taesd"]).save_pretrained(unfinished / "taesd")
+    shutil.rmtree(vocab)
+    shutil.rmtree(folder, ignore_errors=True)
+    unfinished.rename(folder)
+    return folder
+
+
+def load_pair(folder: Path, **shared: Any) -> tuple[StableDiffusionPipeline, Txt2ImgPipeline]:
+    """Both libraries' pipelines from ``folder``; ``shared`` = already loaded components to reuse."""
+    theirs = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, **shared.get("diffusers", {})
+    )
+    ours = Txt2ImgPipeline.from_pretrained(folder, **shared.get("txt2img", {}))
+    for pipe in (theirs, ours):
+        pipe.set_progress_bar_config(disable=True)
+    return theirs, ours
+
+
+def load_taesd_pair(folder: Path, theirs: StableDiffusionPipeline, ours: Txt2ImgPipeline) -> tuple[Any, Any]:
+    """The same pipelines with the TAESD decoder passed as ``vae=`` (text encoder and UNet shared)."""
+    taesd = TinyVAEDecoder.from_pretrained(folder / "taesd")
+    taesd.to(memory_format=torch.channels_last)  # as Txt2ImgPipeline.from_pretrained stores what it loads
+    shared_theirs = {"unet": theirs.unet, "text_encoder": theirs.text_encoder, "tokenizer": theirs.tokenizer}
+    return load_pair(
+        folder,
+        diffusers={"vae": AutoencoderTiny.from_pretrained(folder / "taesd"), **shared_theirs},
+        txt2img={"vae": taesd, "gan": ours.gan, "text_encoder": ours.text_encoder},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End-to-end latency
+
+
+def prompts(batch: int, run: int | str) -> list[str]:
+    """A fresh prompt per image and run, so txt2img's prompt cache never answers (diffusers has none)."""
+    return [f"{PROMPT} {i} {run}" for i in range(batch)]
+
+
+def generate(pipe: Any, batch: int, size: int, run: int | str) -> np.ndarray:
+    extra = {"guidance_scale": 0.0} if isinstance(pipe, StableDiffusionPipeline) else {}
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompts(batch, run), height=size, width=size, num_inference_steps=1, output_type="np",
+                generator=generator, **extra).images
+
+
+def check_agreement(theirs: np.ndarray, ours: np.ndarray, what: str) -> float:
+    """Max abs difference of the two libraries' images; exits with status 1 if they disagree."""
+    if ours.shape != theirs.shape or not (np.isfinite(ours).all() and np.isfinite(theirs).all()):
+        sys.exit(f"FAIL {what}: shapes {ours.shape} vs {theirs.shape}, or non-finite values")
+    diff = float(np.abs(ours - theirs).max())
+    print(f"agreement {what}: max abs diff {diff:.2e} (image std {theirs.std():.3f})", file=sys.stderr)
+    if diff > TOLERANCE:
+        sys.exit(f"FAIL {what}: txt2img and diffusers differ by {diff:.2e} > {TOLERANCE}")
+    return diff
+
+
+def alternate(calls: dict[str, Callable[[int], Any]], runs: int) -> dict[str, float]:
+    """Median seconds of each call, timed A B A B … so that both see the same machine load."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for run in range(runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call(run)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def end_to_end_rows(decoder: str, theirs: Any, ours: Any, args: argparse.Namespace) -> list[str]:
+    """Per (size, batch): check that the outputs agree (the warm-up), then time both alternately."""
+    rows = []
+    for size in args.sizes:
+        for batch in args.batches:
+            what = f"{decoder} {size}² batch {batch}"
+            warm_up = [generate(pipe, batch, size, "warm-up") for pipe in (theirs, ours)]
+            diff = check_agreement(*warm_up, what)
+            calls = {"diffusers": partial(generate, theirs, batch, size),
+                     "txt2img": partial(generate, ours, batch, size)}
+            median = alternate(calls, args.runs)
+            a, b = median["diffusers"], median["txt2img"]
+            rows.append(f"| {decoder} | {size}² | {batch} | {a:.3f} | {b:.3f} | {b / a:.2f} | {diff:.1e} |")
+    return rows
+
+
+def embedded_rows(batches: list[int], runs: int) -> list[str]:
+    pipe = Txt2ImgPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for batch in batches:
+        generate(pipe, batch, 64, "warm-up")
+        seconds = alternate({"txt2img": partial(generate, pipe, batch, 64)}, runs)["txt2img"]
+        rows.append(f"| 64² | {batch} | {seconds * 1000:.1f} | {batch / seconds:.1f} |")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs, component times and the machine's peak
+
+
+def median_seconds(fn: Callable[[], Any], runs: int) -> float:
+    """Median of ``runs`` timed calls after one warm-up, without autograd."""
+    with torch.inference_mode():
+        fn()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_flops(runs: int) -> dict[str, float]:
+    """FLOP/s of a 2048² float32 matmul and of a 3 × 3, 256-channel convolution at 128², channels-last."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 256, 128, 128).to(memory_format=torch.channels_last)
+    kernels = {"matmul 2048² @ 2048²": partial(torch.mm, a, b),
+               "conv 3×3, 256 ch, 128², channels-last": partial(conv, x)}
+    return {name: count_flops(fn) / median_seconds(fn, runs) for name, fn in kernels.items()}
+
+
+def components(
+    ours: Txt2ImgPipeline, taesd: TinyVAEDecoder | None, size: int
+) -> dict[str, Callable[[], Any]]:
+    """Each txt2img component called directly, on prepared inputs for one image of ``size``²."""
+    input_ids, _ = ours.text_encoder.tokenize([PROMPT])
+    with torch.inference_mode():
+        context = ours.text_encoder.model(input_ids).last_hidden_state
+    generator = torch.Generator().manual_seed(0)
+    side = size // ours.vae.scale_factor
+    noise = torch.randn(ours.gan.noise_shape(1, side, side), generator=generator)
+    latents = torch.randn(1, ours.vae.config.latent_channels, side, side, generator=generator)
+    calls = {
+        "text encoder": lambda: ours.text_encoder.model(input_ids),
+        "UNet": lambda: ours.gan(noise, 999.0, context),
+        "VAE decoder": lambda: ours.vae(latents),
+    }
+    if taesd is not None:
+        calls["TAESD decoder"] = lambda: taesd(latents)
+    return calls
+
+
+def component_rows(
+    ours: Txt2ImgPipeline, taesd: TinyVAEDecoder | None, sizes: list[int], runs: int, peak: float
+) -> list[str]:
+    """Per size and component: GFLOP per image, median seconds, GFLOP/s, fraction of peak, floor; then the
+    totals of each pipeline (times summed)."""
+    totals = {"total, SD VAE": ("text encoder", "UNet", "VAE decoder"),
+              "total, TAESD": ("text encoder", "UNet", "TAESD decoder")}
+    rows = []
+    for size in sizes:
+        calls = components(ours, taesd, size)
+        measured = {name: (count_flops(fn), median_seconds(fn, runs)) for name, fn in calls.items()}
+        for total, parts in totals.items():
+            if all(p in measured for p in parts):
+                measured[total] = (sum(measured[p][0] for p in parts), sum(measured[p][1] for p in parts))
+        for name, (flops, seconds) in measured.items():
+            rate = flops / seconds
+            rows.append(f"| {size}² | {name} | {flops / 1e9:.4g} | {seconds:.3g} | {rate / 1e9:.0f} | "
+                        f"{100 * rate / peak:.0f}% | {flops / peak:.3g} |")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def header() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    pairs = (line.partition(":") for line in cpuinfo.splitlines())
+    fields = {key.strip(): value.strip() for key, _, value in pairs}
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    flags = fields.get("flags", "").split()
+    cpu += " (AVX-512)" if "avx512f" in flags else " (AVX2)" if "avx2" in flags else ""
+    versions = (f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
+                f"transformers {transformers.__version__}, txt2img {txt2img.__version__}")
+    command = " ".join(["python", *sys.argv])
+    return f"{cpu}, {torch.get_num_threads()} threads; {versions}; {datetime.date.today()}; `{command}`"
+
+
+def table(title: str, columns: list[str], rows: list[str]) -> None:
+    print(f"\n### {title}\n\n| {' | '.join(columns)} |\n|{'---|' * len(columns)}")
+    print("\n".join(rows))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda text: [int(v) for v in text.split(",")]
+    parser.add_argument("--sizes", type=ints, help="image sides in pixels (default 256,512; --tiny: 64)")
+    parser.add_argument("--batches", type=ints, help="batch sizes (default 1,4; --tiny: 1)")
+    parser.add_argument("--runs", type=int, help="timed runs, after one warm-up (default 5; --tiny: 1)")
+    parser.add_argument("--no-taesd", action="store_true", help="skip the TAESD-decoder variant")
+    parser.add_argument("--tiny", action="store_true", help="tiny configurations: a smoke run in seconds")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    args.sizes = args.sizes or ([64] if args.tiny else [256, 512])
+    args.batches = args.batches or ([1] if args.tiny else [1, 4])
+    args.runs = args.runs or (1 if args.tiny else 5)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    print(header())
+    peaks = peak_flops(max(args.runs, 5))
+    peak = max(peaks.values())
+
+    folder = build_folder(args.tiny)
+    theirs, ours = load_pair(folder)
+    loaded_mib = peak_rss_mib()
+    rows = end_to_end_rows("SD VAE", theirs, ours, args)
+    taesd = None
+    if not args.no_taesd:
+        theirs_taesd, ours_taesd = load_taesd_pair(folder, theirs, ours)
+        rows += end_to_end_rows("TAESD", theirs_taesd, ours_taesd, args)
+        taesd = ours_taesd.vae
+    table(f"End to end, one step, prompt → np image (median of {args.runs} runs, seconds)",
+          ["decoder", "size", "batch", "diffusers", "txt2img", "txt2img / diffusers", "max abs diff"], rows)
+    table("Embedded default model, txt2img", ["size", "batch", "latency (ms)", "images/s"],
+          embedded_rows(args.batches, args.runs))
+    table("Peak float32 FLOP/s of this machine", ["kernel", "GFLOP/s"],
+          [f"| {name} | {rate / 1e9:.0f} |" for name, rate in peaks.items()])
+    table(f"txt2img components alone, batch 1 (peak = {peak / 1e9:.0f} GFLOP/s; floor = FLOPs ÷ peak)",
+          ["size", "component", "GFLOP / image", "time (s)", "GFLOP/s", "of peak", "floor (s)"],
+          component_rows(ours, taesd, args.sizes, max(args.runs, 3), peak))
+    print(f"\nPeak resident memory of the process (both libraries' pipelines in it): {loaded_mib:.0f} MiB "
+          f"after loading, {peak_rss_mib():.0f} MiB in all")
+
+
+if __name__ == "__main__":
+    main()
