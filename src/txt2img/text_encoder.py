@@ -176,7 +176,9 @@ class TextEncoder(nn.Module):
         return embeds
 
     def _cache_key(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, ...]:
-        versions = sum(t._version for t in self.model.parameters())  # bumped by every in-place change
+        # Bumped by every in-place change. Inference tensors (weights an offloader maps in during a call) have
+        # no counter; they are re-read from their unchanging files each time.
+        versions = sum(t._version for t in self.model.parameters() if not t.is_inference())
         return (
             tuple(input_ids.shape),
             input_ids.numpy().tobytes(),
