@@ -27,7 +27,7 @@ def on_gpu(module: nn.Module) -> int:
     return sum(1 for t in (*module.parameters(), *module.buffers()) if t.device.type == "cuda")
 
 
-def run(pipe, size: int, dtype_name: str = "") -> tuple[np.ndarray, float, float]:  # noqa: ANN001
+def run(pipe, size: int) -> tuple[np.ndarray, float, float]:  # type: ignore[no-untyped-def]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -71,9 +71,12 @@ def main() -> int:
             pipe.vae.enable_slicing()
         elif knob == "vae_tiling":
             pipe.vae.enable_tiling()
-        for name, component in pipe.components.items():
-            def record(module: nn.Module, inputs: object, name: str = name) -> None:
-                seen.setdefault(name, {k: on_gpu(c) for k, c in pipe.components.items()})
+        components = pipe.components
+        for name, component in components.items():
+
+            def record(module: nn.Module, inputs: object, name: str = name, seen: dict = seen, components: dict = components) -> None:  # type: ignore[type-arg]
+                seen.setdefault(name, {k: on_gpu(c) for k, c in components.items()})
+
             component.register_forward_pre_hook(record)
         run(pipe, args.size)  # warm-up
         images, seconds, peak = run(pipe, args.size)
