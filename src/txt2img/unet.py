@@ -557,7 +557,7 @@ class UNetGenerator(ModelMixin):
             n = len(up.resnets)
             size = tuple(skips[-n - 1].shape[-2:]) if len(skips) > n else None
             x = up(x, skips, emb, encoder_hidden_states, size)  # type: ignore[arg-type]
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=not torch.is_grad_enabled()))
 
     # -----------------------------------------------------------------------------------------------------
     # Loading and saving
