@@ -317,6 +317,21 @@ def _resnet(in_channels: int, out_channels: int, config: UNetConfig, output_scal
     )
 
 
+def _text_transformers(config: UNetConfig, index: int, channels: int, count: int) -> nn.ModuleList:
+    """``count`` text transformers with the settings of down block ``index`` (up blocks pass their mirror)."""
+    return nn.ModuleList(
+        Transformer2D(
+            channels,
+            config.per_block("attention_head_dim")[index],
+            config.per_block("cross_attention_dim")[index],
+            config,
+            layers=config.per_block("transformer_layers_per_block")[index],
+            only_cross_attention=config.per_block("only_cross_attention")[index],
+        )
+        for _ in range(count)
+    )
+
+
 class DownBlock(nn.Module):
     """``CrossAttnDownBlock2D`` (with ``attentions``) or ``DownBlock2D``: layers, then an optional stride-2 conv.
 
@@ -328,19 +343,8 @@ class DownBlock(nn.Module):
         out_channels = config.block_out_channels[index]
         layers = config.per_block("layers_per_block")[index]
         self.resnets = nn.ModuleList([_resnet(in_channels if i == 0 else out_channels, out_channels, config) for i in range(layers)])
-        self.attentions = nn.ModuleList()
-        if config.down_block_types[index] == "CrossAttnDownBlock2D":
-            self.attentions.extend(
-                Transformer2D(
-                    out_channels,
-                    config.per_block("attention_head_dim")[index],
-                    config.per_block("cross_attention_dim")[index],
-                    config,
-                    layers=config.per_block("transformer_layers_per_block")[index],
-                    only_cross_attention=config.per_block("only_cross_attention")[index],
-                )
-                for _ in range(layers)
-            )
+        with_text = config.down_block_types[index] == "CrossAttnDownBlock2D"
+        self.attentions = _text_transformers(config, index, out_channels, layers if with_text else 0)
         is_last = index == len(config.block_out_channels) - 1
         self.downsamplers = nn.ModuleList([] if is_last else [Downsample(out_channels, padding=config.downsample_padding)])
 
@@ -407,19 +411,8 @@ class UpBlock(nn.Module):
                 for i in range(layers)
             ]
         )
-        self.attentions = nn.ModuleList()
-        if config.up_block_types[index] == "CrossAttnUpBlock2D":
-            self.attentions.extend(
-                Transformer2D(
-                    out_channels,
-                    config.per_block("attention_head_dim")[down_index],
-                    config.per_block("cross_attention_dim")[down_index],
-                    config,
-                    layers=config.per_block("transformer_layers_per_block")[down_index],
-                    only_cross_attention=config.per_block("only_cross_attention")[down_index],
-                )
-                for _ in range(layers)
-            )
+        with_text = config.up_block_types[index] == "CrossAttnUpBlock2D"
+        self.attentions = _text_transformers(config, down_index, out_channels, layers if with_text else 0)
         self.upsamplers = nn.ModuleList([] if index == n - 1 else [Upsample(out_channels)])
 
     def forward(

@@ -278,32 +278,8 @@ class VAEDecoder(DecodeTiling, ModelMixin):
         """A full autoencoder's file also holds the encoder: its keys are skipped."""
         return None if key.startswith(("encoder.", "quant_conv.")) else key
 
-    @property
-    def scale_factor(self) -> int:
-        """Pixels per latent pixel along each side."""
-        return self.config.scale_factor
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decode(latents)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode scaled latents.
-
-        Args:
-            latents: (B, latent_channels, h, w), scaled as the generator produces them.
-
-        Returns:
-            Images (B, out_channels, h·f, w·f), nominally in [-1, 1] (not clamped).
-        """
-        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
-            raise ValueError(
-                f"VAEDecoder.decode expects latents of shape (B, {self.config.latent_channels}, h, w), "
-                f"got {tuple(latents.shape)}."
-            )
-        raw = unscale_latents(latents, self.config.scaling_factor, self.config.shift_factor)
-        return self._decode_tiled_or_sliced(raw, self._decode_raw)
-
     def _decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw latents → images: ``post_quant_conv``, then the decoder network."""
         if self.post_quant_conv is not None:
             raw = self.post_quant_conv(raw)
         return self.decoder(raw)

@@ -172,6 +172,38 @@ class DecodeTiling:
         """Decode whole latents at once (the default)."""
         self.tiling = None
 
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent pixel along each side."""
+        return self.config.scale_factor  # type: ignore[attr-defined,no-any-return]
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode(latents)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode scaled latents (as a generator produces them), whole, per image or in tiles.
+
+        Args:
+            latents: (B, latent_channels, h, w).
+
+        Returns:
+            Images (B, out_channels, h·f, w·f), nominally in [-1, 1] (not clamped).
+        """
+        from txt2img.vae import unscale_latents  # vae.py builds on this module
+
+        config = self.config  # type: ignore[attr-defined]
+        if latents.ndim != 4 or latents.shape[1] != config.latent_channels:
+            raise ValueError(
+                f"{type(self).__name__}.decode expects latents of shape (B, {config.latent_channels}, h, w), "
+                f"got {tuple(latents.shape)}."
+            )
+        raw = unscale_latents(latents, config.scaling_factor, config.shift_factor)
+        return self._decode_tiled_or_sliced(raw, self._decode_raw)
+
+    def _decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw latents → images in [-1, 1]: the decoder network itself."""
+        raise NotImplementedError
+
     def _decode_tiled_or_sliced(self, latents: torch.Tensor, decode_fn: DecodeFn) -> torch.Tensor:
         """``decode_fn(latents)``, per image if slicing and in blended tiles if tiling."""
         tiling, slicing = self.tiling, self.slicing

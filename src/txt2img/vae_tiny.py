@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from txt2img.modeling import ModelConfig, ModelMixin
-from txt2img.vae import unscale_latents
 from txt2img.vae_tiling import DecodeTiling
 
 #: ``act_fn`` values, as diffusers' ``get_activation`` names them (case-insensitive).
@@ -208,28 +207,6 @@ class TinyVAEDecoder(DecodeTiling, ModelMixin):
         """diffusers' checkpoint holds the encoder too; skip its keys."""
         return None if key.startswith("encoder.") else key
 
-    @property
-    def scale_factor(self) -> int:
-        """Pixels per latent pixel along each side."""
-        return self.config.scale_factor
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decode(latents)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode scaled latents.
-
-        Args:
-            latents: (B, latent_channels, h, w), scaled as the generator produces them.
-
-        Returns:
-            Images (B, out_channels, h·f, w·f), nominally in [-1, 1] (not clamped).
-        """
-        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
-            raise ValueError(
-                f"TinyVAEDecoder.decode expects latents of shape (B, {self.config.latent_channels}, h, w), "
-                f"got {tuple(latents.shape)}."
-            )
-        raw = unscale_latents(latents, self.config.scaling_factor, self.config.shift_factor)
-        images = self._decode_tiled_or_sliced(raw, self.decoder)
-        return images.mul(2).sub(1)  # [0, 1] → [-1, 1], in diffusers' order of operations
+    def _decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw latents → images in [-1, 1]: the decoder's [0, 1] output mapped in diffusers' order of operations."""
+        return self.decoder(raw).mul(2).sub(1)
