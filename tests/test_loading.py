@@ -186,3 +186,21 @@ def test_unknown_text_architecture(copy: Path) -> None:
     with pytest.raises(OSError, match="no-such-model|NoSuchModel") as info:
         TextEncoder.from_pretrained(copy, subfolder="text_encoder")
     assert "text_encoder" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("index", "error", "message"),
+    [
+        ({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, ValueError,
+         "StableDiffusionXLPipeline, which txt2img cannot run"),
+        ({"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
+          "text_encoder": ["transformers", "CLIPTextModel"]}, OSError, "lists no 'unet' component"),
+    ],
+    ids=["sdxl", "diffusers-without-unet"],
+)
+def test_diffusers_pipelines_txt2img_cannot_run_are_refused_by_name(
+    tmp_path: Path, index: dict, error: type, message: str  # type: ignore[type-arg]
+) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(error, match=message):
+        Txt2ImgPipeline.from_pretrained(tmp_path)
