@@ -39,6 +39,12 @@ def component_patterns(subfolder: str | None) -> list[str]:
     return [prefix + pattern for pattern in COMPONENT_FILE_PATTERNS]
 
 
+def sibling(subfolder: str, name: str) -> str:
+    """The folder ``name`` beside ``subfolder`` in a repo (``"unet"`` → ``"scheduler"``, ``"a/unet"`` → ``"a/scheduler"``),
+    where the diffusers layout keeps a component's tokenizer or sampler."""
+    return (Path(subfolder.strip("/")).parent / name).as_posix()
+
+
 def is_offline(local_files_only: bool) -> bool:
     """True when no request may be made: ``local_files_only`` or ``HF_HUB_OFFLINE`` set to a true value."""
     return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}

@@ -36,17 +36,16 @@ from torch import nn
 
 EXECUTION_DEVICE = "_txt2img_execution_device"  # set on every offloaded component: where it computes
 
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
+_TORCH_DTYPES = {  # safetensors dtype names
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
 }
-_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,9 +79,9 @@ def weighted_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
 class DeviceStore:
     """Resting tensors stay in memory on ``offload_device`` (the CPU); waking copies them to the device."""
 
-    def __init__(self, execution_device: torch.device, offload_device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, execution_device: torch.device, offload_device: torch.device | str = "cpu") -> None:
         self.execution_device = execution_device
-        self.offload_device = offload_device
+        self.offload_device = torch.device(offload_device)
 
     def add(self, key: str, module: nn.Module) -> None:
         self._move(module, self.offload_device)
@@ -135,28 +134,18 @@ class DiskStore:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write tensors in the safetensors format, each in its physical memory order: a channels-last weight is
-    stored as its NHWC bytes (recorded in the metadata) so that it maps back channels-last, without a copy."""
-    header: dict[str, Any] = {}
-    permuted = []
-    blobs, offset = [], 0
+    """Write tensors as a safetensors file, each in its physical memory order: a channels-last weight is stored
+    as its NHWC bytes (named in the metadata) so that it maps back channels-last, without a copy."""
+    from safetensors.torch import save_file
+
+    stored, permuted = {}, []
     for name, tensor in tensors.items():
         data = tensor.detach().cpu()
         if data.dim() == 4 and data.is_contiguous(memory_format=torch.channels_last) and not data.is_contiguous():
             data = data.permute(0, 2, 3, 1)
             permuted.append(name)
-        raw = data.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    header["__metadata__"] = {"format": "pt", "channels_last": json.dumps(permuted)}
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for raw in blobs:
-            f.write(raw)
+        stored[name] = data.contiguous()
+    save_file(stored, str(path), metadata={"format": "pt", "channels_last": json.dumps(permuted)})
 
 
 def read_safetensors_mmap(path: Path) -> dict[str, torch.Tensor]:

@@ -200,8 +200,7 @@ class Txt2ImgPipeline:
         target = resolve_device(device) if device is not None else default_execution_device()
         self.disable_offload()
         store = DiskStore() if target.type == "cpu" else DeviceStore(target)
-        components = {name: component for name, component in self.components.items()}
-        self._offloader = Offloader(components, store, sequential=sequential)
+        self._offloader = Offloader(self.components, store, sequential=sequential)
 
     def _call_lock(self) -> Any:
         return self._offloader.lock if self._offloader is not None else contextlib.nullcontext()

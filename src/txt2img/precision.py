@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from txt2img.offload import own_tensors, set_own_tensor
+
 _STATE = "_txt2img_compute"  # per submodule: (compute dtype, lock, hook handles, stashed weights)
 _ROOT = "_txt2img_compute_dtype"  # on the root module: its compute dtype
 
@@ -46,14 +48,10 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     state.lock.acquire()
     state.depth += 1
     if state.depth == 1:  # re-entrant calls of the same module keep the weights already swapped in
-        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is not None and tensor.is_floating_point() and tensor.dtype != state.dtype:
+        for name, tensor in own_tensors(module).items():
+            if tensor.is_floating_point() and tensor.dtype != state.dtype:
                 state.stored[name] = tensor
-                upcast = tensor.detach().to(state.dtype)
-                if name in module._parameters:
-                    module._parameters[name] = nn.Parameter(upcast, requires_grad=False)
-                else:
-                    module._buffers[name] = upcast
+                set_own_tensor(module, name, tensor.detach().to(state.dtype))
     return _cast(args, state.dtype), {k: _cast(v, state.dtype) for k, v in kwargs.items()}
 
 
@@ -64,16 +62,12 @@ def _post_hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if state.depth == 0:
             for name, tensor in state.stored.items():
                 if name in module._parameters:
-                    module._parameters[name] = tensor  # type: ignore[assignment]
+                    module._parameters[name] = tensor  # type: ignore[assignment]  # the stored Parameter itself
                 else:
                     module._buffers[name] = tensor
             state.stored.clear()
     finally:
         state.lock.release()
-
-
-def _owns_weights(module: nn.Module) -> bool:
-    return any(t is not None for t in (*module._parameters.values(), *module._buffers.values()))
 
 
 def set_compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -87,7 +81,7 @@ def set_compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> nn.Module
         if old is not None:
             for handle in old.handles:
                 handle.remove()
-        if dtype is not None and _owns_weights(sub):
+        if dtype is not None and own_tensors(sub):
             state = _Compute(dtype)
             sub.__dict__[_STATE] = state
             state.handles = [

@@ -219,7 +219,7 @@ class TextEncoder(nn.Module):
         a sibling ``tokenizer/`` folder."""
         patterns = hub.component_patterns(subfolder)
         if subfolder:
-            patterns += hub.component_patterns((Path(subfolder).parent / "tokenizer").as_posix().removeprefix("./"))
+            patterns += hub.component_patterns(hub.sibling(subfolder, "tokenizer"))
         return patterns
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

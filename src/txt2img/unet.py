@@ -617,8 +617,7 @@ def generator_patterns(subfolder: str | None) -> list[str]:
     beside it (the diffusers layout keeps a UNet's sampler there)."""
     patterns = hub.component_patterns(subfolder)
     if subfolder:
-        parent = Path(subfolder).parent.as_posix()
-        patterns.append(f"scheduler/{SCHEDULER_CONFIG_NAME}" if parent == "." else f"{parent}/scheduler/{SCHEDULER_CONFIG_NAME}")
+        patterns.append(f"{hub.sibling(subfolder, 'scheduler')}/{SCHEDULER_CONFIG_NAME}")
     return patterns
 
 
