@@ -22,16 +22,31 @@ EMBEDDED_MODEL_MISSING = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="txt2img", description="Generate images from a text prompt.")
     parser.add_argument("prompt", help="what to draw, e.g. 'a red circle on a blue background'")
-    parser.add_argument("-o", "--output", default="out.png", help="PNG file to write (default: out.png); "
-                        "with --num-images N > 1, files NAME-0.png ... NAME-(N-1).png")
-    parser.add_argument("--model", help="Hub repo id or local pipeline folder, txt2img's or a diffusers "
-                        "StableDiffusionPipeline such as stabilityai/sd-turbo (default: the embedded Shapes-64 model)")
-    parser.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="out.png",
+        help="PNG file to write (default: out.png); "
+        "with --num-images N > 1, files NAME-0.png ... NAME-(N-1).png",
+    )
+    parser.add_argument(
+        "--model",
+        help="Hub repo id or local pipeline folder, txt2img's or a diffusers "
+        "StableDiffusionPipeline such as stabilityai/sd-turbo (default: the embedded Shapes-64 model)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)"
+    )
     parser.add_argument("--num-images", type=int, default=1, help="how many images (default: 1)")
     parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
-    parser.add_argument("--steps", type=int, default=1, help="generator passes: 1 (default); 2-4 refine with "
-                        "one-step UNet models such as stabilityai/sd-turbo")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="generator passes: 1 (default); 2-4 refine with "
+        "one-step UNet models such as stabilityai/sd-turbo",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 or auto (default: float32)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -112,7 +112,10 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(b, n, self.heads, -1).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, L, d/h)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -194,7 +197,9 @@ class CLIPTextModel(nn.Module):
         save_state_dict(self, folder / WEIGHTS_NAME)
 
     @classmethod
-    def from_folder(cls, folder: Path, data: dict[str, Any], dtype: torch.dtype | str | None = None) -> CLIPTextModel:
+    def from_folder(
+        cls, folder: Path, data: dict[str, Any], dtype: torch.dtype | str | None = None
+    ) -> CLIPTextModel:
         """Load strictly from ``folder`` (its parsed ``config.json`` is ``data``).
 
         Raises:

@@ -18,6 +18,7 @@ Output latents are *scaled* latents (see ``txt2img.vae``): the decoder divides b
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import ClassVar
 
@@ -120,7 +121,7 @@ class MappingNetwork(nn.Module):
         super().__init__()
         self.embed_text = EqualLinear(config.pooled_dim, config.w_dim)
         dims = [config.z_dim + config.w_dim] + [config.w_dim] * config.mapping_layers
-        self.layers = nn.ModuleList([EqualLinear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+        self.layers = nn.ModuleList([EqualLinear(a, b) for a, b in itertools.pairwise(dims)])
 
     def forward(self, z: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         x = torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(self.embed_text(pooled))], dim=1)
@@ -132,7 +133,15 @@ class MappingNetwork(nn.Module):
 class ModulatedConv2d(nn.Module):
     """StyleGAN2's modulated convolution, non-fused form. (B, C_in, H, W), w (B, w_dim) → (B, C_out, H, W)."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, *, kernel_size: int = 3, demodulate: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        *,
+        kernel_size: int = 3,
+        demodulate: bool = True,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels))
@@ -156,7 +165,9 @@ class TextCrossAttention(nn.Module):
     def __init__(self, channels: int, text_dim: int, heads: int) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(1, channels)
-        self.attention = Attention(channels, context_dim=text_dim, heads=heads, head_dim=max(channels // heads, 1))
+        self.attention = Attention(
+            channels, context_dim=text_dim, heads=heads, head_dim=max(channels // heads, 1)
+        )
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -168,7 +179,9 @@ class TextCrossAttention(nn.Module):
 class SynthesisBlock(nn.Module):
     """One resolution: [×2 upsample] → two modulated convs → [cross-attention to the text]."""
 
-    def __init__(self, in_channels: int, out_channels: int, config: GANConfig, *, upsample: bool, attention: bool):
+    def __init__(
+        self, in_channels: int, out_channels: int, config: GANConfig, *, upsample: bool, attention: bool
+    ):
         super().__init__()
         self.upsample = upsample
         self.conv0 = ModulatedConv2d(in_channels, out_channels, config.w_dim)
@@ -177,7 +190,9 @@ class SynthesisBlock(nn.Module):
             TextCrossAttention(out_channels, config.text_dim, config.attention_heads) if attention else None
         )
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, w: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.upsample:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
         x = leaky_relu_gain(self.conv0(x, w))
@@ -217,7 +232,9 @@ class GANGenerator(ModelMixin):
                 for i, (c_in, c_out, attn) in enumerate(stages)
             ]
         )
-        self.to_latent = ModulatedConv2d(config.channels[-1], config.latent_channels, config.w_dim, kernel_size=1, demodulate=False)
+        self.to_latent = ModulatedConv2d(
+            config.channels[-1], config.latent_channels, config.w_dim, kernel_size=1, demodulate=False
+        )
 
     @property
     def sample_size(self) -> int:

@@ -33,8 +33,13 @@ def draw_noise(
         generator = generator[0]
     if isinstance(generator, list):
         if len(generator) != shape[0]:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]} images: pass one per image.")
-        samples = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype).to(device) for g in generator]
+            raise ValueError(
+                f"Got {len(generator)} generators for a batch of {shape[0]} images: pass one per image."
+            )
+        samples = [
+            torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype).to(device)
+            for g in generator
+        ]
         return torch.cat(samples, dim=0)
     draw_device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)

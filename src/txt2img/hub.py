@@ -47,7 +47,12 @@ def sibling(subfolder: str, name: str) -> str:
 
 def is_offline(local_files_only: bool) -> bool:
     """True when no request may be made: ``local_files_only`` or ``HF_HUB_OFFLINE`` set to a true value."""
-    return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {
+        "1",
+        "true",
+        "yes",
+        "on",
+    }
 
 
 def resolve_folder(
@@ -149,7 +154,9 @@ def _snapshot(
             "(or it is private: pass token=...)."
         ) from error
     except RevisionNotFoundError as error:
-        raise OSError(f"{repo_id!r} has no revision {revision!r}: check the branch, tag or commit.") from error
+        raise OSError(
+            f"{repo_id!r} has no revision {revision!r}: check the branch, tag or commit."
+        ) from error
     except HfHubHTTPError as error:
         raise OSError(f"Downloading {repo_id!r} from the Hub failed: {error}") from error
     return Path(root)
@@ -181,7 +188,9 @@ def _cached_listing(folder: Path) -> set[str]:
         return set()
     prefix = folder.relative_to(snapshot).as_posix()
     prefix = "" if prefix == "." else prefix + "/"
-    return {f.path[len(prefix) :] for f in files if f.path.startswith(prefix) and "/" not in f.path[len(prefix) :]}
+    return {
+        f.path[len(prefix) :] for f in files if f.path.startswith(prefix) and "/" not in f.path[len(prefix) :]
+    }
 
 
 def push_folder(

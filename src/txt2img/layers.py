@@ -72,6 +72,7 @@ def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
     Along one axis, output pixel 2i reads input pixels (i-1, i, i) through taps (w0, w1, w2), and 2i+1 reads
     (i, i, i+1): so phase 0 is the kernel (w0, w1 + w2) over (i-1, i) and phase 1 is (w0 + w1, w2) over (i, i+1).
     """
+
     def split(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         t0, t1, t2 = w.unbind(dim)
         return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)

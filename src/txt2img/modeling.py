@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,13 +25,13 @@ from torch import nn
 from txt2img import hub, offload, precision
 from txt2img.placement import place, resolve_device, resolve_dtype
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-ConfigT = TypeVar("ConfigT", bound="ModelConfig")
-ModelT = TypeVar("ModelT", bound="ModelMixin")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ class ModelConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls: type[ConfigT], data: dict[str, Any], source: str = "config") -> ConfigT:
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Self:
         """Build the config from ``data``, checking names and types; keys starting with ``_`` are metadata.
 
         Raises:
@@ -184,12 +184,14 @@ def load_state_dict_strict(
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                     name = rename(key)
                     if name is not None:
                         shapes[name] = tuple(f.get_slice(key).get_shape())
         except (SafetensorError, OSError, ValueError) as error:
-            raise OSError(f"{path} is not a valid safetensors file ({error}). Re-download or re-save it.") from error
+            raise OSError(
+                f"{path} is not a valid safetensors file ({error}). Re-download or re-save it."
+            ) from error
 
     names = ", ".join(str(p) for p in files)
     missing = sorted(set(expected) - set(shapes))
@@ -201,7 +203,11 @@ def load_state_dict_strict(
     ]
     if missing or unexpected or mismatched:
         lines = [f"The weights in {names} do not match the model built from its config.json:"]
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if items:
                 shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
                 lines.append(f"  {len(items)} {label}: {shown}")
@@ -212,7 +218,7 @@ def load_state_dict_strict(
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                     name = rename(key)
                     if name is not None:
                         state[name] = f.get_tensor(key)
@@ -262,7 +268,7 @@ class ModelMixin(nn.Module):
         return hub.component_patterns(subfolder)
 
     @classmethod
-    def from_config(cls: type[ModelT], config: ModelConfig | dict[str, Any]) -> ModelT:
+    def from_config(cls, config: ModelConfig | dict[str, Any]) -> Self:
         """Build the model with freshly initialised weights."""
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
@@ -270,7 +276,7 @@ class ModelMixin(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls: type[ModelT],
+        cls,
         name_or_path: str | os.PathLike,
         *,
         subfolder: str | None = None,
@@ -281,7 +287,7 @@ class ModelMixin(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
-    ) -> ModelT:
+    ) -> Self:
         """Load a model saved by ``save_pretrained``, from a local folder or a Hub repo.
 
         Args:
@@ -318,13 +324,13 @@ class ModelMixin(nn.Module):
 
     @classmethod
     def load_folder(
-        cls: type[ModelT],
+        cls,
         folder: Path,
         data: dict[str, Any],
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-    ) -> ModelT:
+    ) -> Self:
         """Build the model from the parsed ``config.json`` ``data`` of ``folder`` and load its weights strictly."""
         config = cls.config_from_dict(data, source=str(folder / CONFIG_NAME))
         files = weight_files(folder, cls.weights_name)

@@ -141,7 +141,11 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     stored, permuted = {}, []
     for name, tensor in tensors.items():
         data = tensor.detach().cpu()
-        if data.dim() == 4 and data.is_contiguous(memory_format=torch.channels_last) and not data.is_contiguous():
+        if (
+            data.dim() == 4
+            and data.is_contiguous(memory_format=torch.channels_last)
+            and not data.is_contiguous()
+        ):
             data = data.permute(0, 2, 3, 1)
             permuted.append(name)
         stored[name] = data.contiguous()
@@ -182,7 +186,9 @@ class Offloader:
         sequential: Per-submodule instead of per-component.
     """
 
-    def __init__(self, components: dict[str, nn.Module], store: DeviceStore | DiskStore, *, sequential: bool) -> None:
+    def __init__(
+        self, components: dict[str, nn.Module], store: DeviceStore | DiskStore, *, sequential: bool
+    ) -> None:
         self.components = components
         self.store = store
         self.sequential = sequential
@@ -192,14 +198,22 @@ class Offloader:
         self._units: dict[str, list[tuple[str, nn.Module]]] = {}
         for name, component in components.items():
             component.__dict__[EXECUTION_DEVICE] = store.execution_device
-            self._units[name] = [(f"{name}.{sub}" if sub else name, m) for sub, m in weighted_modules(component)]
+            self._units[name] = [
+                (f"{name}.{sub}" if sub else name, m) for sub, m in weighted_modules(component)
+            ]
             for key, module in self._units[name]:
                 store.add(key, module)
                 if sequential:
-                    self._handles.append(module.register_forward_pre_hook(self._wake_module(key), prepend=True))
-                    self._handles.append(module.register_forward_hook(self._rest_module(key), always_call=True))
+                    self._handles.append(
+                        module.register_forward_pre_hook(self._wake_module(key), prepend=True)
+                    )
+                    self._handles.append(
+                        module.register_forward_hook(self._rest_module(key), always_call=True)
+                    )
             if not sequential:
-                self._handles.append(component.register_forward_pre_hook(self._wake_component(name), prepend=True))
+                self._handles.append(
+                    component.register_forward_pre_hook(self._wake_component(name), prepend=True)
+                )
 
     @property
     def execution_device(self) -> torch.device:

@@ -135,7 +135,10 @@ class Txt2ImgPipeline:
                     "This pipeline uses sequential CPU offload, which places every layer itself: .to() would "
                     "break it. Call pipe.disable_offload() first."
                 )
-            warnings.warn("pipe.to() turns model CPU offload off: every component now stays on the device.", stacklevel=2)
+            warnings.warn(
+                "pipe.to() turns model CPU offload off: every component now stays on the device.",
+                stacklevel=2,
+            )
             self.disable_offload()
         target = resolve_device(device) if device is not None else None
         cast = resolve_dtype(dtype, device=target or self.device) if dtype is not None else None
@@ -269,19 +272,38 @@ class Txt2ImgPipeline:
         dtype = resolve_dtype(dtype, torch_dtype, device)
         unknown = sorted(set(components) - set(cls.component_names))
         if unknown:
-            raise ValueError(f"Unknown components {unknown}: a Txt2ImgPipeline has {list(cls.component_names)}.")
-        fetch = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
+            raise ValueError(
+                f"Unknown components {unknown}: a Txt2ImgPipeline has {list(cls.component_names)}."
+            )
+        fetch = {
+            "revision": revision,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "token": token,
+        }
         root = hub.resolve_folder(name_or_path, allow_patterns=[MODEL_INDEX_NAME], **fetch)
-        needed = pipeline_layout(root, read_model_index(root), [n for n in cls.component_names if n not in components])
+        needed = pipeline_layout(
+            root, read_model_index(root), [n for n in cls.component_names if n not in components]
+        )
         if not Path(name_or_path).expanduser().is_dir() and needed:
             # Fetch the needed components' files at the very commit whose model_index.json was read.
-            patterns = [p for subfolder, component_class in needed.values() for p in component_class.download_patterns(subfolder)]
-            root = hub.resolve_folder(name_or_path, allow_patterns=patterns, **{**fetch, "revision": root.name})
+            patterns = [
+                p
+                for subfolder, component_class in needed.values()
+                for p in component_class.download_patterns(subfolder)
+            ]
+            root = hub.resolve_folder(
+                name_or_path, allow_patterns=patterns, **{**fetch, "revision": root.name}
+            )
         loaded = dict(components)
         for name, (subfolder, component_class) in needed.items():
             if not (root / subfolder).is_dir():
-                raise OSError(f"{root} has no folder {subfolder!r} for the component {name!r} listed in {MODEL_INDEX_NAME}.")
-            loaded[name] = component_class.from_pretrained(root, subfolder=subfolder, dtype=dtype, device=device)
+                raise OSError(
+                    f"{root} has no folder {subfolder!r} for the component {name!r} listed in {MODEL_INDEX_NAME}."
+                )
+            loaded[name] = component_class.from_pretrained(
+                root, subfolder=subfolder, dtype=dtype, device=device
+            )
         for component in loaded.values():  # passed-in components too: the pipeline runs them
             component.to(memory_format=memory_format)
         return cls(**loaded)
@@ -314,7 +336,12 @@ class Txt2ImgPipeline:
             The URL of the commit.
         """
         return hub.push_folder(
-            self.save_pretrained, repo_id, token=token, private=private, revision=revision, commit_message=commit_message
+            self.save_pretrained,
+            repo_id,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
         )
 
     # -----------------------------------------------------------------------------------------------------
@@ -361,7 +388,14 @@ class Txt2ImgPipeline:
         """
         # 1. Check inputs
         height, width = self.check_inputs(
-            prompt, prompt_embeds, num_images_per_prompt, height, width, num_inference_steps, truncation_psi, output_type
+            prompt,
+            prompt_embeds,
+            num_images_per_prompt,
+            height,
+            width,
+            num_inference_steps,
+            truncation_psi,
+            output_type,
         )
         latent_height, latent_width = height // self.vae.scale_factor, width // self.vae.scale_factor
         with self._call_lock(), self._progress_bar(total=3) as progress:
@@ -409,9 +443,19 @@ class Txt2ImgPipeline:
             bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
             if bad:
                 raise TypeError(f"Every prompt must be a string; got {', '.join(sorted(set(bad)))}.")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, int)
+            or num_images_per_prompt < 1
+        ):
+            raise ValueError(
+                f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}."
+            )
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         if not isinstance(truncation_psi, (int, float)) or not math.isfinite(truncation_psi):
             raise ValueError(f"truncation_psi must be a finite number, got {truncation_psi!r}.")
@@ -448,10 +492,14 @@ class Txt2ImgPipeline:
         shape = self.gan.noise_shape(batch_size, latent_height, latent_width)
         if latents is not None:
             if tuple(latents.shape) != tuple(shape):
-                raise ValueError(f"latents has shape {tuple(latents.shape)}, but this call needs noise of shape {shape}.")
+                raise ValueError(
+                    f"latents has shape {tuple(latents.shape)}, but this call needs noise of shape {shape}."
+                )
             return latents.to(self.device, self.dtype)
         if generator is not None and not isinstance(generator, (torch.Generator, list)):
-            raise TypeError(f"generator must be a torch.Generator or a list of them, not {type(generator).__name__}.")
+            raise TypeError(
+                f"generator must be a torch.Generator or a list of them, not {type(generator).__name__}."
+            )
         if isinstance(generator, list):
             if any(not isinstance(g, torch.Generator) for g in generator):
                 raise TypeError("generator list must hold only torch.Generator objects.")
@@ -493,7 +541,9 @@ class Txt2ImgPipeline:
         images = self.vae(latents.to(self.vae.device, self.vae.dtype))
         if torch.isfinite(images).all():
             return images
-        if self.vae.dtype != torch.float32 and not (self._offloader is not None and self._offloader.sequential):
+        if self.vae.dtype != torch.float32 and not (
+            self._offloader is not None and self._offloader.sequential
+        ):
             logger.warning("The decoder overflowed in %s; decoding again in float32.", self.vae.dtype)
             images = precision.float32_copy(self.vae)(latents.to(self.vae.device, torch.float32))
             if torch.isfinite(images).all():
@@ -504,7 +554,9 @@ class Txt2ImgPipeline:
             "dtype=torch.float32 or dtype=torch.bfloat16."
         )
 
-    def postprocess(self, images: torch.Tensor, output_type: str) -> list[Image.Image] | np.ndarray | torch.Tensor:
+    def postprocess(
+        self, images: torch.Tensor, output_type: str
+    ) -> list[Image.Image] | np.ndarray | torch.Tensor:
         """Decoded images (or latents) → the requested ``output_type``."""
         if output_type == "latent":
             return images
@@ -554,7 +606,11 @@ def pipeline_layout(root: Path, index: dict[str, Any], names: list[str]) -> dict
             entry = index.get(subfolder)
             if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
                 raise OSError(f"{path} lists no {subfolder!r} component, which a {class_name} needs.")
-        skipped = [k for k in ("safety_checker", "feature_extractor", "image_encoder") if index.get(k) not in (None, [None, None])]
+        skipped = [
+            k
+            for k in ("safety_checker", "feature_extractor", "image_encoder")
+            if index.get(k) not in (None, [None, None])
+        ]
         if skipped:
             logger.info("%s: not loading %s (txt2img runs without them).", path, ", ".join(skipped))
         return {name: DIFFUSERS_LAYOUT[name] for name in names}

@@ -46,9 +46,13 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a device name: use 'cpu', 'cuda', 'cuda:1' or 'mps'.") from error
+        raise ValueError(
+            f"device={device!r} is not a device name: use 'cpu', 'cuda', 'cuda:1' or 'mps'."
+        ) from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for, but no CUDA GPU is available here: use device='cpu'.")
+        raise ValueError(
+            f"device={device!r} was asked for, but no CUDA GPU is available here: use device='cpu'."
+        )
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device={device!r} was asked for, but MPS is not available here: use device='cpu'.")
     return resolved
@@ -117,7 +121,9 @@ def place(module: nn.Module, device: torch.device | None, dtype: torch.dtype | N
             logger.warning(
                 "%s weights on the CPU: stored in %s (half the memory) but computed in float32, because this "
                 "CPU emulates %s arithmetic at a large cost. Use dtype=torch.float32 to store float32 weights.",
-                str(stored).removeprefix("torch."), stored, str(stored).removeprefix("torch."),
+                str(stored).removeprefix("torch."),
+                stored,
+                str(stored).removeprefix("torch."),
             )
         precision.set_compute_dtype(module, torch.float32)
     return module

@@ -43,7 +43,9 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _pre_hook(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     state: _Compute = module.__dict__[_STATE]
     state.lock.acquire()
     state.depth += 1

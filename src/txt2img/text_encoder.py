@@ -80,7 +80,9 @@ class PromptEmbeds:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> PromptEmbeds:
         return PromptEmbeds(
-            self.hidden_states.to(device, dtype), self.pooled.to(device, dtype), self.attention_mask.to(device)
+            self.hidden_states.to(device, dtype),
+            self.pooled.to(device, dtype),
+            self.attention_mask.to(device),
         )
 
 
@@ -93,7 +95,9 @@ class TextEncoder(nn.Module):
         config: txt2img's settings (maximum length, ``clip_skip``).
     """
 
-    def __init__(self, tokenizer: Tokenizer | Any, model: nn.Module, config: TextEncoderConfig | None = None) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer | Any, model: nn.Module, config: TextEncoderConfig | None = None
+    ) -> None:
         super().__init__()
         self.config = config or TextEncoderConfig()
         if not isinstance(tokenizer, Tokenizer):
@@ -136,7 +140,10 @@ class TextEncoder(nn.Module):
         for i, text in enumerate(dropped):
             if text:
                 logger.warning(
-                    "Prompt %d is longer than the text encoder's %d tokens; this part was dropped: %r", i, self.max_length, text
+                    "Prompt %d is longer than the text encoder's %d tokens; this part was dropped: %r",
+                    i,
+                    self.max_length,
+                    text,
                 )
         return input_ids, mask
 
@@ -320,11 +327,15 @@ def _load_text_model(folder: Path, data: dict[str, Any], dtype: torch.dtype) -> 
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise OSError(f"Could not load the text model in {folder}: {error}") from error
-    problems = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {
+        k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
     problems["error_msgs"] = list(info.get("error_msgs") or [])
     if any(problems.values()):
         details = "; ".join(f"{k}: {v[:10]}" for k, v in problems.items() if v)
-        raise OSError(f"The weights in {', '.join(map(str, files))} do not match {folder / CONFIG_NAME}: {details}.")
+        raise OSError(
+            f"The weights in {', '.join(map(str, files))} do not match {folder / CONFIG_NAME}: {details}."
+        )
     return model
 
 

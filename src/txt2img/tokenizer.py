@@ -43,16 +43,22 @@ class Tokenizer:
         config: ``tokenizer_config.json`` values to keep (special tokens, ``model_max_length``, class).
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, max_length: int, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, backend: tokenizers.Tokenizer, max_length: int, config: dict[str, Any] | None = None
+    ) -> None:
         import tokenizers
 
         self.config = dict(config or {})
         self.max_length = max_length
-        self.backend = tokenizers.Tokenizer.from_str(backend.to_str())  # a private copy: its settings are ours
+        self.backend = tokenizers.Tokenizer.from_str(
+            backend.to_str()
+        )  # a private copy: its settings are ours
         pad = _token_text(self.config.get("pad_token")) or _token_text(self.config.get("eos_token"))
         pad_id = self.backend.token_to_id(pad) if pad is not None else None
         if pad_id is None:
-            raise ValueError(f"The tokenizer has no padding token ({pad!r}): set 'pad_token' in its tokenizer_config.json.")
+            raise ValueError(
+                f"The tokenizer has no padding token ({pad!r}): set 'pad_token' in its tokenizer_config.json."
+            )
         self.backend.enable_truncation(max_length)
         self.backend.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad)
 
@@ -74,7 +80,10 @@ class Tokenizer:
         encodings = self.backend.encode_batch(prompts)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
-        dropped = [" ".join(self.backend.decode(o.ids, skip_special_tokens=True) for o in e.overflowing).strip() for e in encodings]
+        dropped = [
+            " ".join(self.backend.decode(o.ids, skip_special_tokens=True) for o in e.overflowing).strip()
+            for e in encodings
+        ]
         return ids, mask, dropped
 
     # -----------------------------------------------------------------------------------------------------
@@ -122,12 +131,16 @@ class Tokenizer:
 
             try:
                 backend = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-            except Exception as error:  # noqa: BLE001 - the Rust library raises its own exception type
-                raise OSError(f"{folder / TOKENIZER_FILE} is not a valid tokenizer file ({error}).") from error
+            except Exception as error:  # the Rust library raises its own exception type
+                raise OSError(
+                    f"{folder / TOKENIZER_FILE} is not a valid tokenizer file ({error})."
+                ) from error
         elif any((folder / name).is_file() for name in LEGACY_FILES):
             backend, config = _convert_with_transformers(folder, config)
         else:
-            raise OSError(f"No tokenizer in {folder}: expected tokenizer.json (or vocab.json and merges.txt).")
+            raise OSError(
+                f"No tokenizer in {folder}: expected tokenizer.json (or vocab.json and merges.txt)."
+            )
         config = {k: v for k, v in config.items() if k in (*SPECIAL_TOKEN_KEYS, "model_max_length")}
         try:
             return cls(backend, _length(max_length, config.get("model_max_length"), limit), config)
@@ -135,11 +148,15 @@ class Tokenizer:
             raise OSError(f"The tokenizer in {folder} cannot pad: {error}") from error
 
     @classmethod
-    def from_transformers(cls, tokenizer: Any, max_length: int | None = None, limit: int | None = None) -> Tokenizer:
+    def from_transformers(
+        cls, tokenizer: Any, max_length: int | None = None, limit: int | None = None
+    ) -> Tokenizer:
         """Wrap a transformers fast tokenizer (e.g. ``CLIPTokenizer``, ``PreTrainedTokenizerFast``); ``max_length``
         and ``limit`` as in :meth:`from_folder`."""
         config = _transformers_config(tokenizer)
-        return cls(tokenizer.backend_tokenizer, _length(max_length, config["model_max_length"], limit), config)
+        return cls(
+            tokenizer.backend_tokenizer, _length(max_length, config["model_max_length"], limit), config
+        )
 
 
 def _length(max_length: int | None, model_max_length: Any, limit: int | None) -> int:
@@ -152,12 +169,20 @@ def _length(max_length: int | None, model_max_length: Any, limit: int | None) ->
 
 def _transformers_config(tokenizer: Any) -> dict[str, Any]:
     """The special tokens and ``model_max_length`` of a transformers tokenizer, as ``tokenizer_config.json`` has them."""
-    config: dict[str, Any] = {key: str(getattr(tokenizer, key)) for key in SPECIAL_TOKEN_KEYS if getattr(tokenizer, key, None) is not None}
-    config["model_max_length"] = int(min(tokenizer.model_max_length, 1_000_000))  # transformers' "unset" is ~1e30
+    config: dict[str, Any] = {
+        key: str(getattr(tokenizer, key))
+        for key in SPECIAL_TOKEN_KEYS
+        if getattr(tokenizer, key, None) is not None
+    }
+    config["model_max_length"] = int(
+        min(tokenizer.model_max_length, 1_000_000)
+    )  # transformers' "unset" is ~1e30
     return config
 
 
-def _convert_with_transformers(folder: Path, config: dict[str, Any]) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+def _convert_with_transformers(
+    folder: Path, config: dict[str, Any]
+) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
     from transformers import AutoTokenizer
 
     try:

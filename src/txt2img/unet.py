@@ -133,9 +133,19 @@ class UNetConfig(ModelConfig):
     center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
-    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
     only_cross_attention: bool | tuple[bool, ...] = False
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int | tuple[int, ...] = 2
@@ -159,9 +169,19 @@ class UNetConfig(ModelConfig):
         n = len(self.block_out_channels)
         problems = []
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            problems.append(f"down_block_types and up_block_types need {n} entries, one per block_out_channels")
-        problems += [f"down block type {t!r} (supported: {DOWN_BLOCK_TYPES})" for t in self.down_block_types if t not in DOWN_BLOCK_TYPES]
-        problems += [f"up block type {t!r} (supported: {UP_BLOCK_TYPES})" for t in self.up_block_types if t not in UP_BLOCK_TYPES]
+            problems.append(
+                f"down_block_types and up_block_types need {n} entries, one per block_out_channels"
+            )
+        problems += [
+            f"down block type {t!r} (supported: {DOWN_BLOCK_TYPES})"
+            for t in self.down_block_types
+            if t not in DOWN_BLOCK_TYPES
+        ]
+        problems += [
+            f"up block type {t!r} (supported: {UP_BLOCK_TYPES})"
+            for t in self.up_block_types
+            if t not in UP_BLOCK_TYPES
+        ]
         if self.mid_block_type not in MID_BLOCK_TYPES:
             problems.append(f"mid_block_type {self.mid_block_type!r} (supported: {MID_BLOCK_TYPES})")
         if self.resnet_time_scale_shift not in ("default", "scale_shift"):
@@ -169,7 +189,13 @@ class UNetConfig(ModelConfig):
         for name in ("time_embedding_act_fn", "timestep_post_act"):
             if getattr(self, name) not in (None, *ACTIVATIONS):
                 problems.append(f"{name} {getattr(self, name)!r} (supported: {sorted(ACTIVATIONS)})")
-        for name in ("only_cross_attention", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim"):
+        for name in (
+            "only_cross_attention",
+            "layers_per_block",
+            "cross_attention_dim",
+            "transformer_layers_per_block",
+            "attention_head_dim",
+        ):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != n:
                 problems.append(f"{name} has {len(value)} entries, expected {n}")
@@ -193,11 +219,17 @@ ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, 
 # Generation math (pure functions)
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, *, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, *, flip_sin_to_cos: bool, freq_shift: float
+) -> torch.Tensor:
     """Sinusoidal embedding (B,) → (B, dim) in float32, as in DDPM and diffusers' ``get_timestep_embedding``:
     frequencies ``exp(-ln(10000) · i / (dim/2 - freq_shift))``, sines then cosines (swapped when flipped)."""
     half = dim // 2
-    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - freq_shift)
+    exponent = (
+        -math.log(10000)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / (half - freq_shift)
+    )
     angles = timesteps[:, None].float() * torch.exp(exponent)[None, :]
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
     if flip_sin_to_cos:
@@ -252,13 +284,19 @@ class TransformerBlock(nn.Module):
     """Self- (or text-) attention, text cross-attention and a feed-forward, each pre-LayerNorm, each residual.
     Tokens (B, N, dim) → (B, N, dim)."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int, *, only_cross_attention: bool, upcast: bool) -> None:
+    def __init__(
+        self, dim: int, heads: int, context_dim: int, *, only_cross_attention: bool, upcast: bool
+    ) -> None:
         super().__init__()
         head_dim = dim // heads
         self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(
-            dim, context_dim=context_dim if only_cross_attention else None, heads=heads, head_dim=head_dim, upcast=upcast
+            dim,
+            context_dim=context_dim if only_cross_attention else None,
+            heads=heads,
+            head_dim=head_dim,
+            upcast=upcast,
         )
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, head_dim=head_dim, upcast=upcast)
@@ -274,14 +312,29 @@ class TransformerBlock(nn.Module):
 class Transformer2D(nn.Module):
     """A text transformer over the pixels of a feature map: (B, C, H, W) → (B, C, H, W), residual."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, config: UNetConfig, *, layers: int, only_cross_attention: bool) -> None:
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        context_dim: int,
+        config: UNetConfig,
+        *,
+        layers: int,
+        only_cross_attention: bool,
+    ) -> None:
         super().__init__()
         self.linear = config.use_linear_projection
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [
-                TransformerBlock(channels, heads, context_dim, only_cross_attention=only_cross_attention, upcast=config.upcast_attention)
+                TransformerBlock(
+                    channels,
+                    heads,
+                    context_dim,
+                    only_cross_attention=only_cross_attention,
+                    upcast=config.upcast_attention,
+                )
                 for _ in range(layers)
             ]
         )
@@ -305,7 +358,9 @@ class Transformer2D(nn.Module):
         return y + x
 
 
-def _resnet(in_channels: int, out_channels: int, config: UNetConfig, output_scale_factor: float = 1.0) -> ResnetBlock:
+def _resnet(
+    in_channels: int, out_channels: int, config: UNetConfig, output_scale_factor: float = 1.0
+) -> ResnetBlock:
     return ResnetBlock(
         in_channels,
         out_channels,
@@ -342,13 +397,19 @@ class DownBlock(nn.Module):
         super().__init__()
         out_channels = config.block_out_channels[index]
         layers = config.per_block("layers_per_block")[index]
-        self.resnets = nn.ModuleList([_resnet(in_channels if i == 0 else out_channels, out_channels, config) for i in range(layers)])
+        self.resnets = nn.ModuleList(
+            [_resnet(in_channels if i == 0 else out_channels, out_channels, config) for i in range(layers)]
+        )
         with_text = config.down_block_types[index] == "CrossAttnDownBlock2D"
         self.attentions = _text_transformers(config, index, out_channels, layers if with_text else 0)
         is_last = index == len(config.block_out_channels) - 1
-        self.downsamplers = nn.ModuleList([] if is_last else [Downsample(out_channels, padding=config.downsample_padding)])
+        self.downsamplers = nn.ModuleList(
+            [] if is_last else [Downsample(out_channels, padding=config.downsample_padding)]
+        )
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         states = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
@@ -404,7 +465,8 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList(
             [
                 _resnet(
-                    (prev_channels if i == 0 else out_channels) + (skip_in if i == layers - 1 else out_channels),
+                    (prev_channels if i == 0 else out_channels)
+                    + (skip_in if i == layers - 1 else out_channels),
                     out_channels,
                     config,
                 )
@@ -416,7 +478,12 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([] if index == n - 1 else [Upsample(out_channels)])
 
     def forward(
-        self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        size: tuple[int, int] | None,
     ) -> torch.Tensor:
         """``skips`` are consumed from the end; ``size`` is the spatial size to upsample to."""
         for i, resnet in enumerate(self.resnets):
@@ -454,14 +521,20 @@ class UNetGenerator(ModelMixin):
         self.config = config
         self.scheduler = scheduler or SchedulerConfig.from_dict(DEFAULT_SCHEDULER)
         c0 = config.block_out_channels[0]
-        self.conv_in = nn.Conv2d(config.in_channels, c0, config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2)
+        self.conv_in = nn.Conv2d(
+            config.in_channels, c0, config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2
+        )
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim, config.timestep_post_act)
         channels = (c0, *config.block_out_channels[:-1])
-        self.down_blocks = nn.ModuleList([DownBlock(i, channels[i], config) for i in range(len(config.block_out_channels))])
+        self.down_blocks = nn.ModuleList(
+            [DownBlock(i, channels[i], config) for i in range(len(config.block_out_channels))]
+        )
         self.mid_block = MidBlock(config) if config.mid_block_type is not None else None
         self.up_blocks = nn.ModuleList([UpBlock(i, config) for i in range(len(config.block_out_channels))])
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, c0, eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(c0, config.out_channels, config.conv_out_kernel, padding=(config.conv_out_kernel - 1) // 2)
+        self.conv_out = nn.Conv2d(
+            c0, config.out_channels, config.conv_out_kernel, padding=(config.conv_out_kernel - 1) // 2
+        )
 
     # -----------------------------------------------------------------------------------------------------
     # What the pipeline asks of a generator
@@ -506,7 +579,9 @@ class UNetGenerator(ModelMixin):
             Scaled latents (B, out_channels, h, w).
         """
         if truncation_psi != 1.0:
-            raise ValueError("truncation_psi is a setting of txt2img's GAN generators; a UNet generator needs 1.0.")
+            raise ValueError(
+                "truncation_psi is a setting of txt2img's GAN generators; a UNet generator needs 1.0."
+            )
         schedule = make_schedule(self.scheduler, num_inference_steps)
         context = embeds.hidden_states
         x = noise * schedule.init_noise_sigma
@@ -518,7 +593,9 @@ class UNetGenerator(ModelMixin):
     # -----------------------------------------------------------------------------------------------------
     # The network
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         """One UNet pass.
 
         Args:
@@ -532,7 +609,12 @@ class UNetGenerator(ModelMixin):
         config = self.config
         timesteps = torch.as_tensor(timestep, device=sample.device)
         timesteps = timesteps.reshape(-1).expand(sample.shape[0])
-        t_emb = timestep_embedding(timesteps, config.block_out_channels[0], flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift)
+        t_emb = timestep_embedding(
+            timesteps,
+            config.block_out_channels[0],
+            flip_sin_to_cos=config.flip_sin_to_cos,
+            freq_shift=config.freq_shift,
+        )
         emb = self.time_embedding(t_emb.to(sample.dtype))
         if config.time_embedding_act_fn:
             emb = ACTIVATIONS[config.time_embedding_act_fn](emb)
@@ -561,7 +643,9 @@ class UNetGenerator(ModelMixin):
         refused = []
         for key, off in UNSUPPORTED_OPTIONS.items():
             value = data.get(key, off)
-            if value != off and not (isinstance(off, float) and isinstance(value, (int, float)) and float(value) == off):
+            if value != off and not (
+                isinstance(off, float) and isinstance(value, (int, float)) and float(value) == off
+            ):
                 refused.append(f"{key}={value!r}")
         if data.get("addition_embed_type") == "text_time":
             raise ValueError(
@@ -573,11 +657,16 @@ class UNetGenerator(ModelMixin):
                 f"{source} uses UNet options txt2img does not implement: {', '.join(refused)}. "
                 "Supported: the Stable Diffusion 1.x/2.x family (see the 'Hub checkpoints' docs page)."
             )
-        nullable = {name for name, hint in typing.get_type_hints(UNetConfig).items() if type(None) in typing.get_args(hint)}
+        nullable = {
+            name
+            for name, hint in typing.get_type_hints(UNetConfig).items()
+            if type(None) in typing.get_args(hint)
+        }
         kept = {
             k: v
             for k, v in data.items()
-            if k not in UNSUPPORTED_OPTIONS and k not in IGNORED_OPTIONS
+            if k not in UNSUPPORTED_OPTIONS
+            and k not in IGNORED_OPTIONS
             and not (v is None and k not in nullable)  # diffusers writes null for "the default"
         }
         if isinstance(kept.get("sample_size"), (list, tuple)):  # [height, width]
@@ -627,5 +716,9 @@ def read_scheduler(folder: Path) -> SchedulerConfig:
     for path in (folder / SCHEDULER_CONFIG_NAME, folder.parent / "scheduler" / SCHEDULER_CONFIG_NAME):
         if path.is_file():
             return SchedulerConfig.from_file(path)
-    logger.info("No %s beside %s: sampling with SD-Turbo's Euler scheduler (trailing timesteps).", SCHEDULER_CONFIG_NAME, folder)
+    logger.info(
+        "No %s beside %s: sampling with SD-Turbo's Euler scheduler (trailing timesteps).",
+        SCHEDULER_CONFIG_NAME,
+        folder,
+    )
     return SchedulerConfig.from_dict(DEFAULT_SCHEDULER)

@@ -89,7 +89,9 @@ def config_from_diffusers(data: dict[str, Any], source: str) -> VAEConfig:
         if value is not None and any(v not in allowed for v in values):
             refused.append(f"{key}={value!r} (supported: {allowed[0]!r})")
     if refused:
-        raise ValueError(f"{source} describes an autoencoder txt2img does not implement: {'; '.join(refused)}.")
+        raise ValueError(
+            f"{source} describes an autoencoder txt2img does not implement: {'; '.join(refused)}."
+        )
     kept = {k: v for k, v in data.items() if k not in DIFFUSERS_REQUIRED and k not in DIFFUSERS_IGNORED}
     if isinstance(kept.get("sample_size"), (list, tuple)):  # diffusers allows [height, width]
         kept["sample_size"] = int(kept["sample_size"][0])
@@ -119,7 +121,9 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, *, norm_groups: int, add_attention: bool) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, norm_groups=norm_groups) for _ in range(2)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(channels, channels, norm_groups=norm_groups) for _ in range(2)]
+        )
         self.attentions = nn.ModuleList(
             [SpatialSelfAttention(channels, norm_groups=norm_groups)] if add_attention else []
         )
@@ -134,7 +138,9 @@ class MidBlock(nn.Module):
 class UpBlock(nn.Module):
     """``num_layers`` ResNet blocks, then an optional ×2 upsampler."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, norm_groups: int, upsample: bool) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, *, num_layers: int, norm_groups: int, upsample: bool
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             [
@@ -183,7 +189,9 @@ class Decoder(nn.Module):
         channels = list(reversed(config.block_out_channels))  # lowest resolution first
         groups = config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
-        self.mid_block = MidBlock(channels[0], norm_groups=groups, add_attention=config.mid_block_add_attention)
+        self.mid_block = MidBlock(
+            channels[0], norm_groups=groups, add_attention=config.mid_block_add_attention
+        )
         self.up_blocks = nn.ModuleList(
             [
                 UpBlock(
@@ -226,7 +234,9 @@ class Encoder(nn.Module):
                 for i in range(len(channels))
             ]
         )
-        self.mid_block = MidBlock(channels[-1], norm_groups=groups, add_attention=config.mid_block_add_attention)
+        self.mid_block = MidBlock(
+            channels[-1], norm_groups=groups, add_attention=config.mid_block_add_attention
+        )
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
@@ -265,7 +275,9 @@ class VAEDecoder(DecodeTiling, ModelMixin):
         super().__init__()
         self.config = config
         self.post_quant_conv = (
-            nn.Conv2d(config.latent_channels, config.latent_channels, 1) if config.use_post_quant_conv else None
+            nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+            if config.use_post_quant_conv
+            else None
         )
         self.decoder = Decoder(config)
 
