@@ -76,7 +76,12 @@ class PromptEmbeds:
 
     def repeat_interleave(self, repeats: int) -> PromptEmbeds:
         """Each prompt ``repeats`` times in a row: (B, ...) → (B·repeats, ...)."""
-        return PromptEmbeds(*(t.repeat_interleave(repeats, dim=0) for t in dataclasses.astuple(self)))
+        # Not dataclasses.astuple: it deep-copies every tensor, and fails on tensors that carry gradients.
+        return PromptEmbeds(
+            self.hidden_states.repeat_interleave(repeats, dim=0),
+            self.pooled.repeat_interleave(repeats, dim=0),
+            self.attention_mask.repeat_interleave(repeats, dim=0),
+        )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> PromptEmbeds:
         return PromptEmbeds(
