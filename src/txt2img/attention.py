@@ -103,7 +103,7 @@ def _fused_kernels_enabled(device_type: str) -> bool:
 
 def _check_slice_size(slice_size: object) -> SliceSize:
     if slice_size is None or slice_size in ("auto", "max"):
-        return slice_size  # type: ignore[return-value]
+        return slice_size
     if isinstance(slice_size, int) and not isinstance(slice_size, bool) and slice_size > 0:
         return slice_size
     raise ValueError(f'slice_size must be None, "auto", "max" or a positive int, not {slice_size!r}')

@@ -128,7 +128,7 @@ def _snapshot(
         root = snapshot_download(
             repo_id,
             revision=revision,
-            cache_dir=cache_dir,
+            cache_dir=None if cache_dir is None else str(cache_dir),
             local_files_only=offline,
             token=token,
             allow_patterns=patterns,

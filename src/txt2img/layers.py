@@ -92,7 +92,7 @@ class UpsampleConv2d(nn.Conv2d):
     input (1.6–1.8× faster on CPUs for the VAE decoder's large maps; maps under ``SUBPIXEL_MIN_PIXELS`` take
     the plain path). Same parameters as ``nn.Conv2d(C, C, 3, padding=1)``."""
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, C, H, W) → (B, O, 2H, 2W); with another ``size``, upsample to it first (the UNet's odd sizes)."""
         b, _, h, w = x.shape
         if size is not None and tuple(size) != (2 * h, 2 * w):

@@ -62,7 +62,7 @@ class ModelConfig:
             for name, f in fields.items()
             if name not in data
             and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+            and f.default_factory is dataclasses.MISSING
         ]
         if missing:
             raise ValueError(f"{source} lacks the required keys {missing}.")
@@ -272,7 +272,7 @@ class ModelMixin(nn.Module):
         """Build the model with freshly initialised weights."""
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
-        return cls(config)  # type: ignore[call-arg]
+        return cls(config)
 
     @classmethod
     def from_pretrained(
@@ -335,7 +335,7 @@ class ModelMixin(nn.Module):
         config = cls.config_from_dict(data, source=str(folder / CONFIG_NAME))
         files = weight_files(folder, cls.weights_name)
         with torch.device("meta"):
-            model = cls(config)  # type: ignore[call-arg]
+            model = cls(config)
         state = load_state_dict_strict(files, model.state_dict(), rename=cls.checkpoint_key)
         model.load_state_dict(state, strict=True, assign=True)
         return place(model, resolve_device(device), dtype).eval()  # type: ignore[return-value]
@@ -353,7 +353,7 @@ class ModelMixin(nn.Module):
             return cls
         if class_name in cls.alternatives:
             module_name, _, attribute = cls.alternatives[class_name].partition(":")
-            return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
+            return getattr(importlib.import_module(module_name), attribute)
         known = sorted({cls.__name__, *cls.config_aliases, *cls.alternatives})
         raise ValueError(
             f"{folder / CONFIG_NAME} describes a {class_name!r}, which {cls.__name__}.from_pretrained cannot load "

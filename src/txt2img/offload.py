@@ -54,7 +54,7 @@ _TORCH_DTYPES = {  # safetensors dtype names
 
 def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters and buffers ``module`` itself owns (not its children's), persistent or not."""
-    tensors = {k: v for k, v in module._parameters.items() if v is not None}
+    tensors: dict[str, torch.Tensor] = {k: v for k, v in module._parameters.items() if v is not None}
     tensors.update({k: v for k, v in module._buffers.items() if v is not None})
     return tensors
 
@@ -270,7 +270,7 @@ def execution_device(module: nn.Module) -> torch.device:
     """Where ``module`` computes: its offload execution device, else where its weights are."""
     device = module.__dict__.get(EXECUTION_DEVICE)
     if device is not None:
-        return device  # type: ignore[no-any-return]
+        return device
     return next((t.device for t in module.parameters()), torch.device("cpu"))
 
 

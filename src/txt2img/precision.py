@@ -101,7 +101,7 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype ``module`` computes in: the one set by :func:`set_compute_dtype`, else its weights' dtype."""
     dtype = module.__dict__.get(_ROOT)
     if dtype is not None:
-        return dtype  # type: ignore[no-any-return]
+        return dtype
     for tensor in module.parameters():
         if tensor.is_floating_point():
             return tensor.dtype
@@ -112,7 +112,7 @@ def float32_copy(model: nn.Module) -> nn.Module:
     """A float32 copy of a txt2img model (built from its ``config``), with its plain settings (slicing,
     tiling, ...) and without hooks; the original is untouched, so concurrent calls are unaffected."""
     with torch.device("meta"):
-        copy = type(model)(model.config)  # type: ignore[call-arg]
+        copy = type(model)(model.config)
     state = {k: v.detach().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     copy.load_state_dict(state, strict=True, assign=True)
     copy.__dict__.update({k: v for k, v in model.__dict__.items() if not k.startswith("_") and k != "config"})

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -99,6 +99,9 @@ class TextEncoder(nn.Module):
         model: A text transformer: txt2img's ``CLIPTextModel`` or a transformers model.
         config: txt2img's settings (maximum length, ``clip_skip``).
     """
+
+    #: txt2img's ``CLIPTextModel`` or a transformers model: both have ``.config`` and ``save_pretrained``.
+    model: Any
 
     def __init__(
         self, tokenizer: Tokenizer | Any, model: nn.Module, config: TextEncoderConfig | None = None
@@ -327,8 +330,11 @@ def _load_text_model(folder: Path, data: dict[str, Any], dtype: torch.dtype) -> 
     model_class = _model_class(folder, data)
     files = weight_files(folder, TEXT_WEIGHTS_NAME)
     try:
-        model, info = model_class.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True
+        model, info = cast(
+            "tuple[PreTrainedModel, dict[str, Any]]",
+            model_class.from_pretrained(
+                folder, dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True
+            ),
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise OSError(f"Could not load the text model in {folder}: {error}") from error

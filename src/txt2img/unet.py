@@ -33,8 +33,9 @@ import logging
 import math
 import os
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -212,7 +213,13 @@ class UNetConfig(ModelConfig):
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
 
-ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "mish": F.mish,
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -629,9 +636,9 @@ class UNetGenerator(ModelMixin):
         if self.mid_block is not None:
             x = self.mid_block(x, emb, encoder_hidden_states)
         for up in self.up_blocks:
-            n = len(up.resnets)
+            n = len(cast(UpBlock, up).resnets)
             size = tuple(skips[-n - 1].shape[-2:]) if len(skips) > n else None
-            x = up(x, skips, emb, encoder_hidden_states, size)  # type: ignore[arg-type]
+            x = up(x, skips, emb, encoder_hidden_states, size)
         return self.conv_out(F.silu(self.conv_norm_out(x), inplace=not torch.is_grad_enabled()))
 
     # -----------------------------------------------------------------------------------------------------

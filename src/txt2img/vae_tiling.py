@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -144,6 +145,8 @@ class DecodeTiling:
     slicing: bool = False
     #: Decode in blended tiles (``None``: whole).
     tiling: Tiling | None = None
+    #: The decoder's config (the class this mixes into sets it).
+    config: Any
 
     def enable_slicing(self) -> None:
         """Decode one image of a batch at a time: same images, activations held for one image only."""
@@ -175,7 +178,7 @@ class DecodeTiling:
     @property
     def scale_factor(self) -> int:
         """Pixels per latent pixel along each side."""
-        return self.config.scale_factor  # type: ignore[attr-defined,no-any-return]
+        return self.config.scale_factor
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decode(latents)
@@ -191,7 +194,7 @@ class DecodeTiling:
         """
         from txt2img.vae import unscale_latents  # vae.py builds on this module
 
-        config = self.config  # type: ignore[attr-defined]
+        config = self.config
         if latents.ndim != 4 or latents.shape[1] != config.latent_channels:
             raise ValueError(
                 f"{type(self).__name__}.decode expects latents of shape (B, {config.latent_channels}, h, w), "
