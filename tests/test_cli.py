@@ -13,7 +13,7 @@ from PIL import Image
 
 from txt2img import Txt2ImgPipeline
 from txt2img.cli import main
-from txt2img.images import read_png_metadata
+from txt2img.utils import read_png_metadata
 
 
 def test_writes_the_pipelines_image_with_metadata(saved_pipeline: Path, tmp_path: Path, capsys) -> None:
@@ -26,17 +26,18 @@ def test_writes_the_pipelines_image_with_metadata(saved_pipeline: Path, tmp_path
         np.testing.assert_array_equal(np.asarray(written), np.asarray(expected))
         assert "a red circle" in written.info["parameters"]
     meta = read_png_metadata(out)
-    assert meta["prompt"] == "a red circle"
-    assert meta["seed"] == 42
-    assert meta["model"] == str(saved_pipeline)
-    assert meta["size"] == "32x32"
+    assert meta is not None
+    assert meta.prompt == "a red circle"
+    assert meta.seed == 42
+    assert meta.model == str(saved_pipeline)
+    assert (meta.width, meta.height) == (32, 32)
 
 
 def test_several_images_get_consecutive_seeds(saved_pipeline: Path, tmp_path: Path) -> None:
     out = tmp_path / "shapes.png"
     code = main(["a blue square", "-o", str(out), "--model", str(saved_pipeline), "--seed", "7", "--num-images", "2", "--quiet"])
     assert code == 0
-    seeds = [read_png_metadata(tmp_path / f"shapes-{i}.png")["seed"] for i in range(2)]
+    seeds = [read_png_metadata(tmp_path / f"shapes-{i}.png").seed for i in range(2)]
     assert seeds == [7, 8]
     single = tmp_path / "single.png"
     main(["a blue square", "-o", str(single), "--model", str(saved_pipeline), "--seed", "8", "--quiet"])
@@ -81,4 +82,4 @@ def test_python_dash_m_runs_the_cli(saved_pipeline: Path, tmp_path: Path) -> Non
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert out.is_file() and read_png_metadata(out)["seed"] == 1
+    assert out.is_file() and read_png_metadata(out).seed == 1

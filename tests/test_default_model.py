@@ -13,7 +13,7 @@ import torch
 
 import txt2img
 from txt2img import DEFAULT_MODEL, Txt2ImgPipeline
-from txt2img.images import read_png_metadata
+from txt2img.utils import EMBEDDED_MODEL_NAME, read_png_metadata
 from txt2img.training.evaluate import evaluate, pipeline_generator
 
 
@@ -61,7 +61,7 @@ def test_cli_without_model_uses_the_default(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     meta = read_png_metadata(out)
-    assert meta["seed"] == 3 and "default" in meta["model"]
+    assert meta is not None and meta.seed == 3 and meta.model == EMBEDDED_MODEL_NAME
 
 
 def test_wheel_carries_the_default_model(tmp_path: Path) -> None:

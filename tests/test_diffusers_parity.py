@@ -312,7 +312,7 @@ def test_cli_runs_a_diffusers_folder_with_steps(tmp_path: Path) -> None:
     from PIL import Image
 
     from txt2img.cli import main
-    from txt2img.images import read_png_metadata
+    from txt2img.utils import read_png_metadata
 
     reference = save_diffusers_pipeline(tmp_path, build_components("kl"), "lcm")
     out = tmp_path / "out.png"
@@ -323,4 +323,4 @@ def test_cli_runs_a_diffusers_folder_with_steps(tmp_path: Path) -> None:
     ).images[0]
     written = np.asarray(Image.open(out), dtype=np.float32) / 255
     assert np.abs(written - expected).max() <= 1 / 255 + TOLERANCE  # 8-bit rounding
-    assert read_png_metadata(out)["steps"] == 2
+    assert read_png_metadata(out).steps == 2

@@ -7,7 +7,7 @@ import torch
 
 from txt2img.gan import normalize_2nd_moment, truncate
 from txt2img.generation import draw_noise, seeded_generators
-from txt2img.images import numpy_to_pil, parameters_text, to_unit_range
+from txt2img.images import numpy_to_pil, to_unit_range
 from txt2img.vae import scale_latents, unscale_latents
 
 CPU = torch.device("cpu")
@@ -56,7 +56,3 @@ def test_unit_range_and_pil_conversion() -> None:
     pil = numpy_to_pil(unit.permute(0, 2, 3, 1).numpy())[0]
     assert [pil.getpixel((x, 0))[0] for x in range(5)] == [0, 0, 128, 255, 255]
 
-
-def test_parameters_text_puts_the_prompt_first() -> None:
-    text = parameters_text({"prompt": "a red circle", "seed": 3, "model": "m"})
-    assert text == "a red circle\nSeed: 3, Model: m"

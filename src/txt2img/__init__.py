@@ -36,14 +36,20 @@ _EXPORTS = {
     "UNetConfig": "txt2img.unet",
     "SchedulerConfig": "txt2img.schedulers",
     "Txt2ImgPipeline": "txt2img.pipeline",
-    "Txt2ImgPipelineOutput": "txt2img.pipeline",
+    "Txt2ImgPipelineOutput": "txt2img.pipeline_output",
+    "set_verbosity": "txt2img.logs",
+    "get_verbosity": "txt2img.logs",
+    "disable_progress_bars": "txt2img.logs",
+    "enable_progress_bars": "txt2img.logs",
 }
 
-__all__ = ["__version__", "DEFAULT_MODEL", *_EXPORTS]
+__all__ = ["__version__", "DEFAULT_MODEL", *_EXPORTS.keys()]  # noqa: PLE0604 - the keys are strings
 
 if TYPE_CHECKING:  # what the lazy __getattr__ below gives, for type checkers and IDEs
     from txt2img.gan import GANConfig, GANGenerator  # noqa: F401
-    from txt2img.pipeline import Txt2ImgPipeline, Txt2ImgPipelineOutput  # noqa: F401
+    from txt2img.logs import disable_progress_bars, enable_progress_bars, get_verbosity, set_verbosity  # noqa: F401
+    from txt2img.pipeline import Txt2ImgPipeline  # noqa: F401
+    from txt2img.pipeline_output import Txt2ImgPipelineOutput  # noqa: F401
     from txt2img.schedulers import SchedulerConfig  # noqa: F401
     from txt2img.text_encoder import PromptEmbeds, TextEncoder, TextEncoderConfig  # noqa: F401
     from txt2img.unet import UNetConfig, UNetGenerator  # noqa: F401

@@ -48,3 +48,27 @@ def draw_noise(
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per seed."""
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+def reproducible_seeds(generator: GeneratorArg, batch_size: int) -> list[int | None]:
+    """The seed of each image's noise, where a fresh generator of that seed alone would draw it again.
+
+    Call before drawing. A list of generators gives one seed each; one shared generator gives the first
+    image's seed (the later images' noise comes from no seed of their own). A generator that has already
+    drawn, or no generator at all, gives ``None``.
+    """
+    if isinstance(generator, list) and len(generator) > 1:
+        return [_fresh_seed(g) for g in generator]
+    first = generator[0] if isinstance(generator, list) else generator
+    if first is None:
+        return [None] * batch_size
+    return [_fresh_seed(first)] + [None] * (batch_size - 1)
+
+
+def _fresh_seed(generator: torch.Generator) -> int | None:
+    """``generator``'s seed if it has drawn nothing since it was seeded, else ``None``."""
+    if not isinstance(generator, torch.Generator):  # refused with a clear error when the noise is drawn
+        return None
+    seed = generator.initial_seed()
+    fresh = torch.Generator(device=generator.device).manual_seed(seed)
+    return seed if torch.equal(fresh.get_state(), generator.get_state()) else None

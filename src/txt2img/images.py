@@ -1,4 +1,4 @@
-"""Turning decoded images into what users asked for (PIL, numpy, tensors) and PNG files with metadata.
+"""Turning decoded images into what users asked for: PIL images, numpy arrays, tensors.
 
 Convention: the decoder gives (B, 3, H, W) in [-1, 1]; every output here is in [0, 1] (floats) or
 0–255 (PIL).
@@ -6,14 +6,9 @@ Convention: the decoder gives (B, 3, H, W) in [-1, 1]; every output here is in [
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -36,26 +31,3 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
     """(B, H, W, 3) in [0, 1] → RGB PIL images (rounded to the nearest 8-bit value)."""
     return [Image.fromarray(p) for p in to_uint8(images)]
-
-
-def parameters_text(params: dict[str, Any]) -> str:
-    """The widely used "parameters" text: the prompt on the first line, then ``Key: value`` pairs."""
-    rest = ", ".join(f"{k.replace('_', ' ').capitalize()}: {v}" for k, v in params.items() if k != "prompt")
-    return f"{params.get('prompt', '')}\n{rest}"
-
-
-def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]) -> Path:
-    """Write ``image`` as a PNG carrying ``params`` in text chunks: ``parameters`` (readable) and ``txt2img`` (JSON)."""
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt("parameters", parameters_text(params))
-    info.add_itxt("txt2img", json.dumps(params))
-    path = Path(path)
-    image.save(path, format="PNG", pnginfo=info)
-    return path
-
-
-def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The generation parameters stored by :func:`save_png` in a PNG file (empty when it has none)."""
-    with Image.open(path) as image:
-        text = image.info.get("txt2img")
-    return json.loads(text) if text else {}

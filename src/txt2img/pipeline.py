@@ -7,36 +7,37 @@ pipeline, so concurrent calls from several threads give the same images as calls
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from txt2img import hub, precision
+from txt2img import hub, logs, precision
 from txt2img.attention import SliceSize, set_attention_slicing
 from txt2img.gan import GANGenerator
-from txt2img.generation import GeneratorArg, draw_noise
+from txt2img.generation import GeneratorArg, draw_noise, reproducible_seeds
 from txt2img.images import OUTPUT_TYPES, numpy_to_pil, to_numpy, to_unit_range
 from txt2img.offload import DeviceStore, DiskStore, Offloader, default_execution_device
+from txt2img.pipeline_output import Txt2ImgPipelineOutput
 from txt2img.placement import place, resolve_device, resolve_dtype
 from txt2img.text_encoder import PromptEmbeds, TextEncoder
 from txt2img.unet import UNetGenerator
+from txt2img.utils import GenerationParameters, model_name
 from txt2img.vae import VAEDecoder
 from txt2img.vae_tiny import TinyVAEDecoder
 
 logger = logging.getLogger(__name__)
 
 MODEL_INDEX_NAME = "model_index.json"
-COMPONENT_CLASSES: dict[str, type] = {
+COMPONENT_CLASSES: dict[str, type[Any]] = {
     "TextEncoder": TextEncoder,
     "GANGenerator": GANGenerator,
     "UNetGenerator": UNetGenerator,
@@ -45,24 +46,11 @@ COMPONENT_CLASSES: dict[str, type] = {
 }
 #: diffusers pipelines whose folders load as a Txt2ImgPipeline: component → (subfolder, class loading it).
 DIFFUSERS_PIPELINES = ("StableDiffusionPipeline",)
-DIFFUSERS_LAYOUT: dict[str, tuple[str, type]] = {
+DIFFUSERS_LAYOUT: dict[str, tuple[str, type[Any]]] = {
     "text_encoder": ("text_encoder", TextEncoder),
     "gan": ("unet", UNetGenerator),
     "vae": ("vae", VAEDecoder),
 }
-PROGRESS_ENV = "TXT2IMG_DISABLE_PROGRESS_BAR"
-
-
-@dataclasses.dataclass
-class Txt2ImgPipelineOutput:
-    """What a pipeline call returns.
-
-    Attributes:
-        images: PIL images (``output_type="pil"``), an array (B, H, W, 3) in [0, 1] (``"np"``), a tensor
-            (B, 3, H, W) in [0, 1] (``"pt"``), or the scaled latents (B, C, h, w) (``"latent"``).
-    """
-
-    images: list[Image.Image] | np.ndarray | torch.Tensor
 
 
 class Txt2ImgPipeline:
@@ -88,6 +76,9 @@ class Txt2ImgPipeline:
         self.vae = vae
         self._progress_bar_config: dict[str, Any] = {}
         self._offloader: Offloader | None = None
+        #: The Hub repo id or folder ``from_pretrained`` loaded, written into PNG metadata; ``None`` when
+        #: the pipeline was built in memory.
+        self.name_or_path: str | None = None
 
     # -----------------------------------------------------------------------------------------------------
     # Properties and placement
@@ -209,17 +200,12 @@ class Txt2ImgPipeline:
         return self._offloader.lock if self._offloader is not None else contextlib.nullcontext()
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
-        """Options for the tqdm progress bar of each call, e.g. ``disable=True``.
+        """Options for the tqdm progress bar of this pipeline's calls, e.g. ``disable=True``.
 
-        The environment variable ``TXT2IMG_DISABLE_PROGRESS_BAR=1`` also turns it off.
+        ``txt2img.disable_progress_bars()`` and the environment variable ``TXT2IMG_DISABLE_PROGRESS_BAR=1``
+        turn it off too, along with the bar of ``from_pretrained``.
         """
         self._progress_bar_config = dict(kwargs)
-
-    def _progress_bar(self, total: int) -> tqdm:
-        config = {"desc": "txt2img", "leave": False, **self._progress_bar_config}
-        if os.environ.get(PROGRESS_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
-            config["disable"] = True
-        return tqdm(total=total, **config)
 
     # -----------------------------------------------------------------------------------------------------
     # Saving and loading
@@ -275,13 +261,10 @@ class Txt2ImgPipeline:
             raise ValueError(
                 f"Unknown components {unknown}: a Txt2ImgPipeline has {list(cls.component_names)}."
             )
-        fetch = {
-            "revision": revision,
-            "cache_dir": cache_dir,
-            "local_files_only": local_files_only,
-            "token": token,
-        }
-        root = hub.resolve_folder(name_or_path, allow_patterns=[MODEL_INDEX_NAME], **fetch)
+        fetch = functools.partial(
+            hub.resolve_folder, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )
+        root = fetch(name_or_path, allow_patterns=[MODEL_INDEX_NAME], revision=revision)
         needed = pipeline_layout(
             root, read_model_index(root), [n for n in cls.component_names if n not in components]
         )
@@ -292,21 +275,25 @@ class Txt2ImgPipeline:
                 for subfolder, component_class in needed.values()
                 for p in component_class.download_patterns(subfolder)
             ]
-            root = hub.resolve_folder(
-                name_or_path, allow_patterns=patterns, **{**fetch, "revision": root.name}
-            )
+            root = fetch(name_or_path, allow_patterns=patterns, revision=root.name)
+        logger.info("Loading %s from %s", ", ".join(needed) or "no component", root)
         loaded = dict(components)
-        for name, (subfolder, component_class) in needed.items():
-            if not (root / subfolder).is_dir():
-                raise OSError(
-                    f"{root} has no folder {subfolder!r} for the component {name!r} listed in {MODEL_INDEX_NAME}."
+        with logs.progress_bar(len(needed), desc="Loading pipeline components", leave=False) as progress:
+            for name, (subfolder, component_class) in needed.items():
+                if not (root / subfolder).is_dir():
+                    raise OSError(
+                        f"{root} has no folder {subfolder!r} for the component {name!r} listed in "
+                        f"{MODEL_INDEX_NAME}."
+                    )
+                loaded[name] = component_class.from_pretrained(
+                    root, subfolder=subfolder, dtype=dtype, device=device
                 )
-            loaded[name] = component_class.from_pretrained(
-                root, subfolder=subfolder, dtype=dtype, device=device
-            )
+                progress.update()
         for component in loaded.values():  # passed-in components too: the pipeline runs them
             component.to(memory_format=memory_format)
-        return cls(**loaded)
+        pipe = cls(**loaded)
+        pipe.name_or_path = os.fspath(name_or_path)
+        return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``model_index.json``, one subfolder per component and a model card (``README.md``)."""
@@ -320,6 +307,7 @@ class Txt2ImgPipeline:
             component.save_pretrained(folder / name)
         (folder / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (folder / "README.md").write_text(model_card(self))
+        logger.info("Saved the pipeline to %s", folder)
 
     def push_to_hub(
         self,
@@ -346,6 +334,40 @@ class Txt2ImgPipeline:
 
     # -----------------------------------------------------------------------------------------------------
     # Generation
+
+    @overload
+    def __call__(
+        self,
+        prompt: str | list[str] | None = ...,
+        *,
+        num_images_per_prompt: int = ...,
+        height: int | None = ...,
+        width: int | None = ...,
+        num_inference_steps: int = ...,
+        generator: GeneratorArg = ...,
+        latents: torch.Tensor | None = ...,
+        prompt_embeds: PromptEmbeds | None = ...,
+        truncation_psi: float = ...,
+        output_type: str = ...,
+        return_dict: Literal[True] = ...,
+    ) -> Txt2ImgPipelineOutput: ...
+
+    @overload
+    def __call__(
+        self,
+        prompt: str | list[str] | None = ...,
+        *,
+        num_images_per_prompt: int = ...,
+        height: int | None = ...,
+        width: int | None = ...,
+        num_inference_steps: int = ...,
+        generator: GeneratorArg = ...,
+        latents: torch.Tensor | None = ...,
+        prompt_embeds: PromptEmbeds | None = ...,
+        truncation_psi: float = ...,
+        output_type: str = ...,
+        return_dict: Literal[False],
+    ) -> tuple[Any]: ...
 
     @torch.inference_mode()
     def __call__(
@@ -398,12 +420,18 @@ class Txt2ImgPipeline:
             output_type,
         )
         latent_height, latent_width = height // self.vae.scale_factor, width // self.vae.scale_factor
-        with self._call_lock(), self._progress_bar(total=3) as progress:
+        with (
+            self._call_lock(),
+            logs.progress_bar(3, desc="txt2img", leave=False, **self._progress_bar_config) as progress,
+        ):
             # 2. Encode the prompt
             embeds = prompt_embeds if prompt_embeds is not None else self.encode_prompt(prompt)  # type: ignore[arg-type]
             embeds = embeds.repeat_interleave(num_images_per_prompt).to(self.device, self.dtype)
             progress.update()
-            # 3. Prepare the noise
+            # 3. Prepare the noise (each image's seed first: drawing advances the generators)
+            seeds: list[int | None] = [None] * len(embeds)
+            if latents is None:
+                seeds = reproducible_seeds(generator, len(embeds))
             noise = self.prepare_noise(len(embeds), latent_height, latent_width, generator, latents)
             # 4. Generate latents: one forward pass (or num_inference_steps of a UNet generator)
             result = self.generate_latents(
@@ -418,7 +446,14 @@ class Txt2ImgPipeline:
                 self._offloader.rest_all()
         # 6. Post-process
         images = self.postprocess(result, output_type)
-        return Txt2ImgPipelineOutput(images) if return_dict else (images,)
+        if not return_dict:
+            return (images,)
+        parameters = None
+        if prompt is not None:
+            parameters = self.describe_images(
+                prompt, num_images_per_prompt, seeds, height, width, num_inference_steps, truncation_psi
+            )
+        return Txt2ImgPipelineOutput(images, parameters)
 
     def check_inputs(
         self,
@@ -475,6 +510,37 @@ class Txt2ImgPipeline:
                 )
             sizes.append(value)
         return sizes[0], sizes[1]
+
+    def describe_images(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int,
+        seeds: list[int | None],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        truncation_psi: float,
+    ) -> list[GenerationParameters]:
+        """What made each image of a call, for ``output.parameters`` and the PNG files ``output.save`` writes."""
+        from txt2img import __version__
+
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        model = model_name(self.name_or_path)
+        return [
+            GenerationParameters(
+                prompt=text,
+                seed=seed,
+                width=width,
+                height=height,
+                steps=num_inference_steps,
+                model=model,
+                truncation_psi=truncation_psi,
+                version=f"txt2img {__version__}",
+            )
+            for text, seed in zip(
+                [p for p in prompts for _ in range(num_images_per_prompt)], seeds, strict=True
+            )
+        ]
 
     def encode_prompt(self, prompt: str | list[str]) -> PromptEmbeds:
         """Encode prompts with the text encoder (reusable as ``prompt_embeds=``)."""
@@ -592,7 +658,7 @@ def read_model_index(root: Path) -> dict[str, Any]:
     return index
 
 
-def pipeline_layout(root: Path, index: dict[str, Any], names: list[str]) -> dict[str, tuple[str, type]]:
+def pipeline_layout(root: Path, index: dict[str, Any], names: list[str]) -> dict[str, tuple[str, type[Any]]]:
     """Where the components ``names`` of a pipeline folder live and which classes load them:
     ``{name: (subfolder, class)}``.
 
@@ -622,7 +688,7 @@ def pipeline_layout(root: Path, index: dict[str, Any], names: list[str]) -> dict
     return {name: (name, component_class_for(root, index, name)) for name in names}
 
 
-def component_class_for(root: Path, index: dict[str, Any], name: str) -> type:
+def component_class_for(root: Path, index: dict[str, Any], name: str) -> type[Any]:
     """The class ``model_index.json`` names for component ``name``.
 
     Raises:
