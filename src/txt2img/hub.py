@@ -11,6 +11,7 @@ huggingface_hub is imported inside the functions that use it, so ``import txt2im
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -29,6 +30,8 @@ COMPONENT_FILE_PATTERNS = (
     "model.safetensors",
     "model-*.safetensors",
 )
+
+logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -201,8 +204,13 @@ def push_folder(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
+    keep_existing: Iterable[str] = (),
 ) -> str:
     """Save into a temporary folder with ``save`` and upload it to the Hub repo ``repo_id``.
+
+    Args:
+        keep_existing: Files (paths in the repo, e.g. ``"README.md"``) not uploaded when the repo already
+            has them at ``revision``.
 
     Returns:
         The URL of the commit.
@@ -211,6 +219,9 @@ def push_folder(
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    kept = [name for name in keep_existing if api.file_exists(repo_id, name, revision=revision)]
+    if kept:
+        logger.info("%s already has %s: kept, not uploaded.", repo_id, ", ".join(kept))
     with tempfile.TemporaryDirectory() as tmp:
         save(Path(tmp))
         info = api.upload_folder(
@@ -218,5 +229,6 @@ def push_folder(
             folder_path=tmp,
             revision=revision,
             commit_message=commit_message or "Upload with txt2img",
+            ignore_patterns=kept or None,
         )
     return str(info)

@@ -25,6 +25,7 @@ from txt2img.attention import SliceSize, set_attention_slicing
 from txt2img.gan import GANGenerator
 from txt2img.generation import GeneratorArg, draw_noise, reproducible_seeds
 from txt2img.images import OUTPUT_TYPES, numpy_to_pil, to_numpy, to_unit_range
+from txt2img.model_card import MODEL_CARD_NAME, ModelCard, write_model_card
 from txt2img.offload import DeviceStore, DiskStore, Offloader, default_execution_device
 from txt2img.pipeline_output import Txt2ImgPipelineOutput
 from txt2img.placement import place, resolve_device, resolve_dtype
@@ -295,10 +296,34 @@ class Txt2ImgPipeline:
         pipe.name_or_path = os.fspath(name_or_path)
         return pipe
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``model_index.json``, one subfolder per component and a model card (``README.md``)."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        *,
+        model_card: ModelCard | dict[str, Any] | None = None,
+        overwrite_model_card: bool = False,
+        repo_id: str | None = None,
+    ) -> None:
+        """Write ``model_index.json``, one subfolder per component and a model card (``README.md``).
+
+        A ``README.md`` already in ``save_directory`` is kept (your own card is never lost), unless
+        ``overwrite_model_card=True``.
+
+        Args:
+            save_directory: The folder (created if needed).
+            model_card: What the card says beyond what the pipeline tells: ``license``, ``tags``,
+                ``datasets``, ``base_model``, ``description``, ``example_prompt``, and markdown sections
+                ``training`` and ``evaluation`` (a :class:`~txt2img.model_card.ModelCard` or a dict of its fields).
+            overwrite_model_card: Replace a ``README.md`` already in ``save_directory``.
+            repo_id: The Hub repo id that the card's usage example loads; default ``save_directory`` as
+                given.
+
+        Raises:
+            TypeError: ``model_card`` is not a ``ModelCard`` or a dict of its fields.
+        """
         from txt2img import __version__
 
+        card = ModelCard.from_value(model_card) if model_card is not None else None  # checked before writing
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         index: dict[str, Any] = {"_class_name": type(self).__name__, "_txt2img_version": __version__}
@@ -306,7 +331,8 @@ class Txt2ImgPipeline:
             index[name] = ["txt2img", type(component).__name__]
             component.save_pretrained(folder / name)
         (folder / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (folder / "README.md").write_text(model_card(self))
+        model_id = repo_id or os.fspath(save_directory)
+        write_model_card(self, folder, card, model_id, overwrite=overwrite_model_card)
         logger.info("Saved the pipeline to %s", folder)
 
     def push_to_hub(
@@ -317,19 +343,35 @@ class Txt2ImgPipeline:
         private: bool | None = None,
         revision: str | None = None,
         commit_message: str | None = None,
+        model_card: ModelCard | dict[str, Any] | None = None,
+        overwrite_model_card: bool = False,
     ) -> str:
         """Save the pipeline and upload it to the Hub repo ``repo_id`` (created if needed).
+
+        The model card's usage example loads ``repo_id``. A ``README.md`` the repo already has is kept,
+        unless ``overwrite_model_card=True``.
+
+        Args:
+            repo_id: ``"org/name"``.
+            token: Hub token with write access; default: the saved login.
+            private: Create the repo private.
+            revision: The branch to commit to.
+            commit_message: Default ``"Upload with txt2img"``.
+            model_card: As for :meth:`save_pretrained`.
+            overwrite_model_card: Replace the repo's ``README.md``.
 
         Returns:
             The URL of the commit.
         """
+        card = ModelCard.from_value(model_card)
         return hub.push_folder(
-            self.save_pretrained,
+            lambda folder: self.save_pretrained(folder, model_card=card, repo_id=repo_id),
             repo_id,
             token=token,
             private=private,
             revision=revision,
             commit_message=commit_message,
+            keep_existing=() if overwrite_model_card else (MODEL_CARD_NAME,),
         )
 
     # -----------------------------------------------------------------------------------------------------
@@ -634,7 +676,7 @@ class Txt2ImgPipeline:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# model_index.json and model cards
+# model_index.json
 
 
 def read_model_index(root: Path) -> dict[str, Any]:
@@ -708,31 +750,3 @@ def component_class_for(root: Path, index: dict[str, Any], name: str) -> type[An
             f"known classes: {sorted(COMPONENT_CLASSES)}."
         )
     return COMPONENT_CLASSES[class_name]
-
-
-def model_card(pipe: Txt2ImgPipeline) -> str:
-    """A Hub model card with the front matter the Hub reads and a usage example."""
-    size = pipe.default_size
-    return f"""---
-library_name: txt2img
-pipeline_tag: text-to-image
-tags:
-- txt2img
-- text-to-image
----
-
-# txt2img pipeline
-
-A one-step text-to-image pipeline for [txt2img](https://pypi.org/project/txt2img/): a text encoder, a
-generator that turns noise and text into latents in a single forward pass, and a VAE decoder.
-Native size: {size} × {size} pixels.
-
-```python
-import torch
-from txt2img import Txt2ImgPipeline
-
-pipe = Txt2ImgPipeline.from_pretrained("path/or/repo-id")
-image = pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0)).images[0]
-image.save("out.png")
-```
-"""
