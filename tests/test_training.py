@@ -47,6 +47,15 @@ def test_recipe_writes_a_loadable_pipeline_and_its_by_products(tiny_run: Path) -
     assert set(json.loads((tiny_run / "timings.json").read_text())) == {"vae", "pool", "text_encoder", "gan"}
 
 
+def test_recipe_model_card_carries_the_runs_own_evaluation(tiny_run: Path) -> None:
+    evaluation = json.loads((tiny_run / "evaluation.json").read_text())
+    assert evaluation["num_images"] == ShapesRecipe.tiny().eval_images
+    card = (tiny_run / "model" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: txt2img" in card and "license: apache-2.0" in card
+    assert f"| shape | {evaluation['seen']['shape']:.3f} | {evaluation['held_out']['shape']:.3f} |" in card
+    assert "purple triangle" in card  # the held-out pairs are named
+
+
 def test_recipe_is_deterministic_for_a_seed(tiny_run: Path, tmp_path: Path) -> None:
     recipe = ShapesRecipe.tiny()
     recipe.gan_training.steps = 10  # the same run, stopped earlier: its VAE stage must be identical

@@ -235,24 +235,26 @@ def train_gan(
         b = real.shape[0]
         z = torch.randn(b, g.config.z_dim)
 
-        # Discriminator: reals up, fakes and mismatched reals down, R1 on reals every r1_every steps.
-        with torch.no_grad():
-            fake = g.generate(z, text)
+        # One generator pass serves both updates: detached for the discriminator's, kept for its own.
+        fake = g.generate(z, text)
+
+        # Discriminator: reals up, fakes and mismatched reals down; each group its own pass (smaller
+        # activations than one concatenated batch), and R1 on a separate pass over reals every r1_every steps.
         mismatched_pooled = text.pooled.roll(1, dims=0)
-        r1_step = training.r1_every > 0 and step % training.r1_every == 0
-        real_in = aug(real).detach().requires_grad_(r1_step)
-        logits = d(torch.cat([real_in, aug(fake), aug(real)]), torch.cat([text.pooled, text.pooled, mismatched_pooled]))
-        real_logits, fake_logits, mismatch_logits = logits.split(b)
+        real_logits = d(aug(real), text.pooled)
+        fake_logits = d(aug(fake.detach()), text.pooled)
+        mismatch_logits = d(aug(real), mismatched_pooled)
         loss_d = d_hinge_loss(real_logits, fake_logits, mismatch_logits, training.mismatch_weight)
-        if r1_step:
-            loss_d = loss_d + training.r1_gamma / 2 * r1_penalty(real_logits, real_in) * training.r1_every
+        if training.r1_every > 0 and step % training.r1_every == 0:
+            real_in = aug(real).detach().requires_grad_(True)
+            penalty = r1_penalty(d(real_in, text.pooled), real_in)
+            loss_d = loss_d + training.r1_gamma / 2 * penalty * training.r1_every
         state.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         state.opt_d.step()
 
-        # Generator: fool the discriminator, and match the text under the frozen latent CLIP.
+        # Generator: fool the (updated) discriminator, and match the text under the frozen latent CLIP.
         d.requires_grad_(False)
-        fake = g.generate(z, text)
         loss_adv = g_hinge_loss(d(aug(fake), text.pooled))
         loss_clip = contrastive_loss(clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions))
         loss_g = loss_adv + training.clip_weight * loss_clip

@@ -28,6 +28,7 @@ from PIL import Image
 from txt2img.gan import GANConfig, GANGenerator
 from txt2img.images import to_numpy, to_uint8, to_unit_range
 from txt2img.pipeline import Txt2ImgPipeline
+from txt2img.utils import make_image_grid
 from txt2img.training import shapes
 from txt2img.training.baseline import (
     BaselineTrainingConfig,
@@ -42,7 +43,7 @@ from txt2img.training.clip import (
     build_text_encoder,
     train_latent_clip,
 )
-from txt2img.training.evaluate import evaluate, pipeline_generator
+from txt2img.training.evaluate import EvalReport, evaluate, pipeline_generator
 from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
 from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
@@ -67,6 +68,7 @@ class ShapesRecipe:
         seed: Seeds every stage.
         pool_size: Renderings encoded once for the text-encoder and GAN stages.
         vae_batch_size: Images per VAE step (rendered fresh each step).
+        eval_images: Images per split (seen, held-out) of the evaluation written into the model card.
         clip_batch_size: Pairs per contrastive step.
         vae: Shape of the autoencoder.
         text: Shape of the text encoder.
@@ -77,6 +79,7 @@ class ShapesRecipe:
     seed: int = 0
     pool_size: int = 20_000
     vae_batch_size: int = 16
+    eval_images: int = 600
     clip_batch_size: int = 256
     vae: VAEConfig = dataclasses.field(
         default_factory=lambda: VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64)
@@ -90,7 +93,7 @@ class ShapesRecipe:
     vae_training: VAETrainingConfig = dataclasses.field(default_factory=lambda: VAETrainingConfig(steps=3000, lr=1e-3))
     clip_training: CLIPTrainingConfig = dataclasses.field(default_factory=lambda: CLIPTrainingConfig(steps=600))
     gan_training: GANTrainingConfig = dataclasses.field(
-        default_factory=lambda: GANTrainingConfig(steps=2500, discriminator_width=32)
+        default_factory=lambda: GANTrainingConfig(steps=3500, discriminator_width=32)
     )
 
     @classmethod
@@ -101,6 +104,7 @@ class ShapesRecipe:
             pool_size=256,
             vae_batch_size=8,
             clip_batch_size=32,
+            eval_images=16,
             vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=64),
             text=TextEncoderShape(hidden_size=32, layers=1, heads=2),
             gan=GANConfig(z_dim=16, w_dim=32, channels=(32, 16, 16, 8), attention=(True, False, False, False), attention_heads=2),
@@ -155,14 +159,33 @@ def encode_pool(encoder: VAEEncoder, rng: np.random.Generator, size: int, batch_
     return LatentPool(torch.cat(latents).contiguous(), specs)
 
 
-def grid(images: np.ndarray, cols: int) -> Image.Image:
-    """(B, H, W, 3) uint8 images → one PIL grid, ``cols`` wide."""
-    b, h, w, _ = images.shape
-    rows = -(-b // cols)
-    canvas = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i, image in enumerate(images):
-        canvas[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = image
-    return Image.fromarray(canvas)
+def model_card(recipe: ShapesRecipe, timings: dict[str, float], report: EvalReport) -> dict[str, Any]:
+    """The model card of a recipe's pipeline: its data, its training and its evaluation."""
+    total = sum(timings.values())
+    return {
+        "license": "apache-2.0",
+        "datasets": ["Shapes-64 (procedural, txt2img.training.shapes)"],
+        "tags": ["shapes-64", "gan"],
+        "description": (
+            "A 64 × 64 text-to-image GAN trained from scratch on Shapes-64: one circle, square or triangle, "
+            "small or large, in one of 8 colours, at one of 9 places, on a plain background of another colour."
+        ),
+        "example_prompt": SAMPLE_PROMPTS[0],
+        "training": (
+            f"`python -m txt2img.training shapes --out DIR --seed {recipe.seed}` (txt2img.training.recipe): "
+            f"a KL-VAE ({recipe.vae_training.steps} steps), a word-level CLIP text encoder "
+            f"({recipe.clip_training.steps} steps), then the GAN ({recipe.gan_training.steps} steps of "
+            f"{recipe.gan_training.batch_size}); the EMA generator is the one saved. Held-out (colour, shape) "
+            f"pairs never seen in training: {', '.join(' '.join(pair) for pair in sorted(shapes.HELD_OUT))}. "
+            f"{total:.0f} s on the CPU of the training machine "
+            f"({', '.join(f'{stage} {seconds:.0f} s' for stage, seconds in timings.items())})."
+        ),
+        "evaluation": (
+            "Fraction of images whose attributes, read back from the pixels, match the prompt "
+            f"(`python -m txt2img.training.evaluate MODEL --num-images {report.num_images}`):\n\n"
+            + report.to_markdown()
+        ),
+    }
 
 
 def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume: bool = False) -> Path:
@@ -224,18 +247,22 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         prompts = [p for p in SAMPLE_PROMPTS for _ in range(4)]
         latents = generator.generate(sample_noise, text_encoder.encode(prompts))
         images = to_uint8(to_numpy(to_unit_range(decoder.decode(latents))))
-        grid(images, cols=8).save(path)
+        make_image_grid([Image.fromarray(image) for image in images], rows=len(images) // 8, cols=8).save(path)
 
     rng = np.random.default_rng([recipe.seed, 4])
     batches = pool.batches(rng, recipe.gan_training.batch_size)
     state = train_gan(state, recipe.gan_training, batches, clip, seed=recipe.seed, out_dir=out, sample_fn=write_samples, progress=progress)
     timings["gan"] = time.perf_counter() - start
 
-    # 5. Save
+    # 5. Save, with a model card that says how the model was made and how well it follows prompts
     pipe = Txt2ImgPipeline(text_encoder.eval(), state.generator_ema.eval(), decoder.eval())
-    pipe.save_pretrained(out / "model")
     write_samples(state.generator_ema, out / "samples" / "final.png")
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    pipe.set_progress_bar_config(disable=True)
+    report = evaluate(pipeline_generator(pipe), num_images=recipe.eval_images, seed=recipe.seed)
+    (out / "evaluation.json").write_text(json.dumps(report.to_dict(), indent=2))
+    pipe.set_progress_bar_config(disable=False)
+    pipe.save_pretrained(out / "model", model_card=model_card(recipe, timings, report), overwrite_model_card=True)
     return out / "model"
 
 
