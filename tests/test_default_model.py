@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import txt2img
 from txt2img import DEFAULT_MODEL, Txt2ImgPipeline
-from txt2img.utils import EMBEDDED_MODEL_NAME, read_png_metadata
 from txt2img.training.evaluate import evaluate, pipeline_generator
+from txt2img.utils import EMBEDDED_MODEL_NAME, read_png_metadata
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,16 @@ def test_default_model_follows_prompts(default_pipe: Txt2ImgPipeline) -> None:
     assert report.seen["all five"] >= 0.5, report.to_markdown()
     assert report.seen["color"] >= 0.8 and report.seen["background"] >= 0.8, report.to_markdown()
     assert report.variety is not None and report.variety > 0.5, report.to_markdown()
+
+
+def test_default_models_card_runs_and_reports_its_evaluation(tmp_path: Path) -> None:
+    card = (Path(DEFAULT_MODEL) / "README.md").read_text()
+    assert "library_name: txt2img" in card and "## Evaluation" in card and "| shape |" in card
+    (block,) = re.findall(r"```python\n(.*?)```", card, re.DOTALL)
+    assert "from_pretrained(DEFAULT_MODEL)" in block
+    subprocess.run([sys.executable, "-c", block], cwd=tmp_path, check=True, timeout=120, capture_output=True)
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (64, 64)
 
 
 def test_cli_without_model_uses_the_default(tmp_path: Path) -> None:

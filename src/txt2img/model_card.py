@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from txt2img.utils import EMBEDDED_MODEL_NAME
+
 if TYPE_CHECKING:
     from txt2img.pipeline import Txt2ImgPipeline
 
@@ -74,7 +76,8 @@ class ModelCard:
         )
 
     def render(self, pipe: Txt2ImgPipeline, model_id: str) -> str:
-        """The card's text for ``pipe``, its usage example loading ``model_id`` (a Hub repo id or a folder)."""
+        """The card's text for ``pipe``, its usage example loading ``model_id`` (a Hub repo id, a folder, or
+        ``txt2img.utils.EMBEDDED_MODEL_NAME`` for the model inside the package)."""
         from txt2img import __version__
 
         front = {
@@ -105,6 +108,14 @@ class ModelCard:
             "a generator that turns noise and text into latents in a single forward pass, and a VAE decoder."
         )
         size = pipe.default_size
+        if model_id == EMBEDDED_MODEL_NAME:  # the model inside the package: no path to give
+            imports, load, cli_model = "DEFAULT_MODEL, Txt2ImgPipeline", "DEFAULT_MODEL", ""
+        else:
+            imports, load, cli_model = (
+                "Txt2ImgPipeline",
+                json.dumps(model_id),
+                f" --model {shlex.quote(model_id)}",
+            )
         body = f"""# txt2img pipeline
 
 {description}
@@ -121,14 +132,14 @@ With `pip install txt2img`:
 
 ```python
 import torch
-from txt2img import Txt2ImgPipeline
+from txt2img import {imports}
 
-pipe = Txt2ImgPipeline.from_pretrained({json.dumps(model_id)})
+pipe = Txt2ImgPipeline.from_pretrained({load})
 image = pipe({json.dumps(self.example_prompt)}, generator=torch.Generator().manual_seed(0)).images[0]
 image.save("out.png")
 ```
 
-On the command line: `txt2img {shlex.quote(self.example_prompt)} --model {shlex.quote(model_id)} -o out.png`"""
+On the command line: `txt2img {shlex.quote(self.example_prompt)}{cli_model} -o out.png`"""
         sections = ["\n".join(lines), body]
         if self.training:
             sections.append(f"## Training\n\n{self.training.strip()}")
