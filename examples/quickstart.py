@@ -2,7 +2,9 @@
 
     python examples/quickstart.py [PROMPT] [MODEL]
 
-MODEL is a Hub repo id or a local folder written by ``Txt2ImgPipeline.save_pretrained``.
+MODEL is a Hub repo id or a local folder written by ``Txt2ImgPipeline.save_pretrained``. Writes
+quickstart.png, which carries the prompt, seed, size, steps and model (``txt2img --from-png quickstart.png``
+makes it again).
 """
 
 import sys
@@ -11,9 +13,10 @@ import torch
 
 from txt2img import DEFAULT_MODEL, Txt2ImgPipeline
 
-prompt = sys.argv[1] if len(sys.argv) > 1 else "a large red circle in the top left corner on a blue background"
+DEFAULT_PROMPT = "a large red circle in the top left corner on a blue background"
+prompt = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_PROMPT
 model = sys.argv[2] if len(sys.argv) > 2 else DEFAULT_MODEL
 pipe = Txt2ImgPipeline.from_pretrained(model)
-image = pipe(prompt, generator=torch.Generator().manual_seed(0)).images[0]
-image.save("quickstart.png")
+output = pipe(prompt, generator=torch.Generator().manual_seed(0))
+output.save("quickstart.png")
 print("wrote quickstart.png")
