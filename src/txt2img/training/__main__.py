@@ -1,4 +1,8 @@
-"""``python -m txt2img.training shapes --out DIR``: reproduce the embedded default model from scratch."""
+"""``python -m txt2img.training shapes --out DIR``: reproduce the embedded default model from scratch.
+
+Also under ``torchrun --nproc_per_node N -m txt2img.training shapes --out DIR``: data parallel on N processes
+(see docs/distributed.md).
+"""
 
 from __future__ import annotations
 
@@ -43,16 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     baseline.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
+    from txt2img import distributed
     from txt2img.training.recipe import ShapesRecipe, compare_with_baseline, run
 
-    if args.command == "baseline":
-        print(compare_with_baseline(args.run, num_images=args.num_images, progress=not args.quiet))
-        return 0
-    keep_freed_memory()
-    recipe = ShapesRecipe.tiny(args.seed) if args.tiny else ShapesRecipe(seed=args.seed)
-    start = time.perf_counter()
-    model = run(recipe, args.out, progress=not args.quiet, resume=args.resume)
-    print(f"wrote {model} in {time.perf_counter() - start:.0f} s")
+    # The recipe trains on CPUs: gloo carries its gradients (one process alone joins no group).
+    with distributed.process_group("gloo"):
+        main = distributed.is_main_process()
+        progress = not args.quiet and main
+        if args.command == "baseline":
+            table = compare_with_baseline(args.run, num_images=args.num_images, progress=progress)
+            if main:
+                print(table)
+            return 0
+        keep_freed_memory()
+        recipe = ShapesRecipe.tiny(args.seed) if args.tiny else ShapesRecipe(seed=args.seed)
+        start = time.perf_counter()
+        model = run(recipe, args.out, progress=progress, resume=args.resume)
+        if main:
+            print(f"wrote {model} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from txt2img import distributed
 from txt2img.images import to_numpy, to_uint8, to_unit_range
 from txt2img.text_encoder import TextEncoder
 from txt2img.training.evaluate import Generate
@@ -74,16 +75,18 @@ def train_baseline(
     seed: int = 0,
     progress: bool = True,
 ) -> TextToLatentGaussian:
-    """Fit ``model`` to (scaled latents, captions) batches with the frozen ``text_encoder``."""
-    torch.manual_seed(seed)
+    """Fit ``model`` to (scaled latents, captions) batches with the frozen ``text_encoder`` (under ``torchrun``:
+    each process on its own batches, gradients averaged by DistributedDataParallel)."""
+    torch.manual_seed(distributed.rank_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr)
-    bar = tqdm(range(training.steps), desc="baseline (text-conditional VAE)", disable=not progress)
+    run = distributed.data_parallel(model)  # a plain call in one process
+    bar = tqdm(range(training.steps), desc="baseline (text-conditional VAE)", disable=not progress or not distributed.is_main_process())
     model.train()
     for _ in bar:
         latents, captions = next(batches)
         with torch.no_grad():
             pooled = text_encoder.encode(captions).pooled
-        loss = gaussian_nll(latents, *model(pooled))
+        loss = gaussian_nll(latents, *run(model, pooled))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

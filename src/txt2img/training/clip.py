@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from txt2img import distributed
 from txt2img.clip_text import CLIPTextConfig, CLIPTextModel
 from txt2img.text_encoder import TextEncoder, TextEncoderConfig
 from txt2img.tokenizer import Tokenizer
@@ -154,17 +155,21 @@ def train_latent_clip(
 ) -> LatentCLIP:
     """Train text and latent-image encoders contrastively on (latents (B, C, h, w), captions) batches.
 
+    Under ``torchrun`` each process trains on its own ``batches`` (negatives come from its own batch) and
+    gradients are averaged by DistributedDataParallel.
+
     Returns:
         ``clip``, trained, in eval mode with gradients off.
     """
-    torch.manual_seed(seed)
+    torch.manual_seed(distributed.rank_seed(seed))
     clip.train()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=training.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, training.steps, eta_min=training.lr * 0.1)
-    bar = tqdm(range(training.steps), desc="text encoder (CLIP)", disable=not progress)
+    run = distributed.data_parallel(clip)  # a plain call in one process
+    bar = tqdm(range(training.steps), desc="text encoder (CLIP)", disable=not progress or not distributed.is_main_process())
     for _ in bar:
         latents, captions = next(batches)
-        loss = contrastive_loss(clip.embed_text(captions), clip.embed_latents(latents), clip.logit_scale, same_captions(captions))
+        loss = run(lambda: contrastive_loss(clip.embed_text(captions), clip.embed_latents(latents), clip.logit_scale, same_captions(captions)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

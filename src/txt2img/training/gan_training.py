@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from txt2img import distributed
 from txt2img.gan import GANGenerator
 from txt2img.training.checkpoint import load_checkpoint, save_checkpoint
 from txt2img.training.clip import LatentCLIP, contrastive_loss, same_captions
@@ -203,12 +204,17 @@ def train_gan(
 ) -> GANTrainingState:
     """Train until ``training.steps``, resuming from ``state.step``.
 
+    Under ``torchrun`` (a process group initialised) each process trains on its own ``batches`` and noise,
+    the networks' gradients are averaged by DistributedDataParallel, and rank 0 alone writes checkpoints
+    and samples; the batch size is per process.
+
     Args:
         state: Networks and optimizers (``make_state``, possibly loaded from a checkpoint).
         training: Hyper-parameters.
         batches: An endless iterator of (scaled latents (B, C, S, S), captions).
         clip: The frozen latent CLIP; its text encoder also conditions the generator.
-        seed: Seed of the noise, augmentation and mismatch draws (offset by the step when resuming).
+        seed: Seed of the noise, augmentation and mismatch draws (offset by the step when resuming, and
+            by ``distributed.rank_seed`` on ranks other than 0).
         out_dir: Where checkpoints (``checkpoint/``) and sample grids (``samples/``) go.
         sample_fn: Writes a sample grid for the EMA generator into the given PNG path.
         progress: Show a tqdm bar with the running losses.
@@ -216,10 +222,12 @@ def train_gan(
     Returns:
         ``state``, trained.
     """
-    torch.manual_seed(seed + state.step)
-    rng = torch.Generator().manual_seed(seed + 1 + state.step)
-    out = Path(out_dir) if out_dir is not None else None
+    torch.manual_seed(distributed.rank_seed(seed) + state.step)
+    rng = torch.Generator().manual_seed(distributed.rank_seed(seed) + 1 + state.step)
+    out = Path(out_dir) if out_dir is not None and distributed.is_main_process() else None
     g, d = state.generator, state.discriminator
+    run_g, run_d = distributed.data_parallel(g), distributed.data_parallel(d)  # plain calls in one process
+    progress = progress and distributed.is_main_process()
     text_encoder = clip.text_encoder
     decay = 0.5 ** (training.batch_size / training.ema_half_life)
 
@@ -236,18 +244,18 @@ def train_gan(
         z = torch.randn(b, g.config.z_dim)
 
         # One generator pass serves both updates: detached for the discriminator's, kept for its own.
-        fake = g.generate(z, text)
+        fake = run_g(g.generate, z, text)
 
         # Discriminator: reals up, fakes and mismatched reals down; each group its own pass (smaller
         # activations than one concatenated batch), and R1 on a separate pass over reals every r1_every steps.
         mismatched_pooled = text.pooled.roll(1, dims=0)
-        real_logits = d(aug(real), text.pooled)
-        fake_logits = d(aug(fake.detach()), text.pooled)
-        mismatch_logits = d(aug(real), mismatched_pooled)
+        real_logits = run_d(d, aug(real), text.pooled)
+        fake_logits = run_d(d, aug(fake.detach()), text.pooled)
+        mismatch_logits = run_d(d, aug(real), mismatched_pooled)
         loss_d = d_hinge_loss(real_logits, fake_logits, mismatch_logits, training.mismatch_weight)
         if training.r1_every > 0 and step % training.r1_every == 0:
             real_in = aug(real).detach().requires_grad_(True)
-            penalty = r1_penalty(d(real_in, text.pooled), real_in)
+            penalty = r1_penalty(run_d(d, real_in, text.pooled), real_in)
             loss_d = loss_d + training.r1_gamma / 2 * penalty * training.r1_every
         state.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()

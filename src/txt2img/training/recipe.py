@@ -10,6 +10,10 @@ Stages and what each one hands on:
 4. GAN: the native generator trained on the pool with the frozen text encoder (``gan_training``).
 5. Save: text encoder + EMA generator + VAE decoder as a pipeline folder (``DIR/model``), the VAE encoder
    beside it (``DIR/vae_encoder``), sample grids in ``DIR/samples``.
+
+Under ``torchrun --nproc_per_node N -m txt2img.training shapes --out DIR`` every training stage runs data
+parallel: each process draws its own batches (``distributed.rank_entropy``), gradients are averaged, and
+rank 0 alone writes into ``DIR``, which every process must see (a shared file system across machines).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from txt2img import distributed
 from txt2img.gan import GANConfig, GANGenerator
 from txt2img.images import to_numpy, to_uint8, to_unit_range
 from txt2img.pipeline import Txt2ImgPipeline
@@ -204,7 +209,9 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     timings: dict[str, float] = {}
-    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    main = distributed.is_main_process()  # rank 0 alone writes under torchrun
+    if main:
+        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
 
     # 1. VAE
     start = time.perf_counter()
@@ -212,10 +219,11 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         encoder = VAEEncoder.from_pretrained(out / "vae_encoder")
         decoder = VAEDecoder.from_pretrained(out / "vae")
     else:
-        rng = np.random.default_rng([recipe.seed, 1])
+        rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 1]))
         encoder, decoder = train_vae(recipe.vae, recipe.vae_training, image_batches(rng, recipe.vae_batch_size), seed=recipe.seed, progress=progress)
-        encoder.save_pretrained(out / "vae_encoder")
-        decoder.save_pretrained(out / "vae")
+        if main:
+            encoder.save_pretrained(out / "vae_encoder")
+            decoder.save_pretrained(out / "vae")
     timings["vae"] = time.perf_counter() - start
 
     # 2. Latent pool
@@ -227,7 +235,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     start = time.perf_counter()
     text_encoder = build_text_encoder(vocabulary(), recipe.text, seed=recipe.seed)
     clip = LatentCLIP(text_encoder, recipe.vae.latent_channels, pool.latents.shape[-1])
-    rng = np.random.default_rng([recipe.seed, 3])
+    rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 3]))
     clip = train_latent_clip(clip, recipe.clip_training, pool.batches(rng, recipe.clip_batch_size), seed=recipe.seed, progress=progress)
     timings["text_encoder"] = time.perf_counter() - start
 
@@ -249,12 +257,14 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         images = to_uint8(to_numpy(to_unit_range(decoder.decode(latents))))
         make_image_grid([Image.fromarray(image) for image in images], rows=len(images) // 8, cols=8).save(path)
 
-    rng = np.random.default_rng([recipe.seed, 4])
+    rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 4]))
     batches = pool.batches(rng, recipe.gan_training.batch_size)
     state = train_gan(state, recipe.gan_training, batches, clip, seed=recipe.seed, out_dir=out, sample_fn=write_samples, progress=progress)
     timings["gan"] = time.perf_counter() - start
 
     # 5. Save, with a model card that says how the model was made and how well it follows prompts
+    if not main:
+        return out / "model"
     pipe = Txt2ImgPipeline(text_encoder.eval(), state.generator_ema.eval(), decoder.eval())
     write_samples(state.generator_ema, out / "samples" / "final.png")
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
@@ -289,8 +299,10 @@ def compare_with_baseline(
     torch.manual_seed(seed)
     model = TextToLatentGaussian(pipe.text_encoder.hidden_size, encoder.config.latent_channels, pool.latents.shape[-1])
     training = baseline or BaselineTrainingConfig()
-    batches = pool.batches(np.random.default_rng([seed, 5]), training.batch_size)
+    batches = pool.batches(np.random.default_rng(distributed.rank_entropy([seed, 5])), training.batch_size)
     model = train_baseline(model, pipe.text_encoder, training, batches, seed=seed, progress=progress)
+    if not distributed.is_main_process():  # rank 0 alone evaluates and writes under torchrun
+        return ""
     reports = {
         "GAN (txt2img GANGenerator)": evaluate(pipeline_generator(pipe), num_images=num_images, seed=seed),
         "text-conditional VAE (baseline)": evaluate(baseline_generator(model, pipe.text_encoder, pipe.vae), num_images=num_images, seed=seed),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from txt2img import distributed
 from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
 
 
@@ -55,19 +56,23 @@ def train_vae(
 ) -> tuple[VAEEncoder, VAEDecoder]:
     """Train an encoder and decoder on image batches (B, 3, H, W) in [-1, 1].
 
+    Under ``torchrun`` each process trains on its own ``batches``, gradients are averaged by
+    DistributedDataParallel, and the fitted factors are rank 0's.
+
     Returns:
         ``(encoder, decoder)`` in eval mode, both with the fitted ``scaling_factor`` in their config.
     """
-    torch.manual_seed(seed)
+    torch.manual_seed(distributed.rank_seed(seed))
     encoder = VAEEncoder(config).to(memory_format=torch.channels_last).train()
     decoder = VAEDecoder(config).to(memory_format=torch.channels_last).train()
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, training.steps, eta_min=training.lr * 0.1)
-    bar = tqdm(range(training.steps), desc="vae", disable=not progress)
+    run = distributed.data_parallel(encoder, decoder)  # a plain call in one process
+    bar = tqdm(range(training.steps), desc="vae", disable=not progress or not distributed.is_main_process())
     for _ in bar:
         images = next(batches).contiguous(memory_format=torch.channels_last)
-        loss, logs = vae_loss(images, encoder, decoder, training.kl_weight)
+        loss, logs = run(vae_loss, images, encoder, decoder, training.kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -77,7 +82,8 @@ def train_vae(
     decoder.eval()
     with torch.no_grad():
         sample = torch.cat([encoder.encode(next(batches))[0] for _ in range(8)])
-    fitted = dataclasses.replace(config, scaling_factor=float(1.0 / sample.std()), shift_factor=float(sample.mean()))
+    scaling_factor, shift_factor = distributed.broadcast_from_main([float(1.0 / sample.std()), float(sample.mean())])
+    fitted = dataclasses.replace(config, scaling_factor=scaling_factor, shift_factor=shift_factor)
     encoder.config = fitted
     decoder.config = fitted
     return encoder, decoder
