@@ -247,6 +247,7 @@ def generate_batch(
     Raises:
         ValueError: bad arguments or prompts, or a file in ``out_dir`` made with other parameters (another
             seed, prompt, size or model): use a new folder, or delete the file.
+        OSError: the prompts file cannot be read, or ``out_dir`` cannot be written.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
