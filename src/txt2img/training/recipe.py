@@ -33,7 +33,6 @@ from txt2img import distributed
 from txt2img.gan import GANConfig, GANGenerator
 from txt2img.images import to_numpy, to_uint8, to_unit_range
 from txt2img.pipeline import Txt2ImgPipeline
-from txt2img.utils import make_image_grid
 from txt2img.training import shapes
 from txt2img.training.baseline import (
     BaselineTrainingConfig,
@@ -51,6 +50,7 @@ from txt2img.training.clip import (
 from txt2img.training.evaluate import EvalReport, evaluate, pipeline_generator
 from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
+from txt2img.utils import make_image_grid
 from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
 
 SAMPLE_PROMPTS = (
