@@ -10,9 +10,9 @@ with their captions, so that it runs as it is.
 
 It trains the three parts in turn, as ``python -m txt2img.training shapes`` does (docs/training.md): a VAE on
 the images, a text encoder against the VAE's latents, then the GAN generator in that latent space; and it
-saves them as an ordinary pipeline folder. The default settings are tiny, to finish in about a minute:
-expect blurry colour fields. The embedded model used 3,000 VAE, 600 text-encoder and 2,500 GAN steps on
-larger networks (52 minutes on a 2-core CPU).
+saves them as an ordinary pipeline folder. The default settings are tiny, to finish in about a minute on an
+idle 2-core CPU: expect blurry colour fields. The embedded model used 3,000 VAE, 600 text-encoder and 3,500
+GAN steps on larger networks (52 minutes on a 2-core CPU).
 
 Writes OUT/model (``Txt2ImgPipeline.from_pretrained("OUT/model")`` loads it) and OUT/samples.png.
 """
