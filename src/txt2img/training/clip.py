@@ -169,7 +169,7 @@ def train_latent_clip(
     bar = tqdm(range(training.steps), desc="text encoder (CLIP)", disable=not progress or not distributed.is_main_process())
     for _ in bar:
         latents, captions = next(batches)
-        loss = run(lambda: contrastive_loss(clip.embed_text(captions), clip.embed_latents(latents), clip.logit_scale, same_captions(captions)))
+        loss = run(lambda: contrastive_loss(clip.embed_text(captions), clip.embed_latents(latents), clip.logit_scale, same_captions(captions)))  # noqa: B023 - called at once, in this iteration
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
