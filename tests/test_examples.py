@@ -133,26 +133,36 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_batch_generate(tmp_path: Path, default_pipe: Txt2ImgPipeline) -> None:
+    from txt2img.batch import image_seed
+
     prompts = [
-        "a large red circle in the center on a blue background",
-        "a small yellow square at the top on a black background",
-        "a large white triangle on the right on a green background",
+        {"prompt": "a large red circle in the center on a blue background", "seed": 7, "num_images": 3},
+        {"prompt": "a small yellow square at the top on a black background"},
     ]
-    (tmp_path / "prompts.txt").write_text("# three prompts\n" + "\n\n".join(prompts) + "\n")
-    args = ["--num-images", "2", "--batch-size", "4", "--seed", "100", "--grid"]
-    run_example("batch_generate.py", "prompts.txt", *args, cwd=tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    args = ["--num-images", "2", "--batch-size", "4", "--seed", "100"]
+    result = run_example("batch_generate.py", "prompts.jsonl", *args, cwd=tmp_path)
+    assert "run again: 0 images made, 5 already there" in result.stdout
+
     out = tmp_path / "images"
-    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
-    expected = [(p, 100 + 2 * i + j) for i, p in enumerate(prompts) for j in range(2)]
-    assert [(row["prompt"], row["seed"]) for row in index] == expected
-    for row, (prompt, seed) in zip(index, expected):
-        params = read_png_metadata(out / row["file"])
-        assert (params.prompt, params.seed, params.width, params.height) == (prompt, seed, 64, 64)
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    expected_seeds = [7, 8, 9, image_seed(100, 1, 0), image_seed(100, 1, 1)]
+    assert [entry["seed"] for entry in manifest] == expected_seeds
+    for entry in manifest:
+        params = read_png_metadata(out / entry["file"])
+        assert (params.prompt, params.seed, params.width, params.height) == (
+            prompts[entry["prompt_index"]]["prompt"],
+            entry["seed"],
+            64,
+            64,
+        )
     # The 4th image came from a batch of four; alone, with its seed, it is the same image.
-    alone = default_pipe(prompts[1], generator=torch.Generator().manual_seed(103), output_type="np").images[0]
-    assert np.abs(pixels(out / index[3]["file"]) - np.round(alone * 255)).max() <= 1
-    assert not np.array_equal(pixels(out / index[2]["file"]), pixels(out / index[3]["file"]))
-    assert pixels(out / "grid.png").shape == (3 * 64, 2 * 64, 3)
+    fourth = manifest[3]
+    generator = torch.Generator().manual_seed(fourth["seed"])
+    alone = default_pipe(fourth["prompt"], generator=generator, output_type="np").images[0]
+    assert np.abs(pixels(out / fourth["file"]) - np.round(alone * 255)).max() <= 1
+    assert not np.array_equal(pixels(out / manifest[3]["file"]), pixels(out / manifest[4]["file"]))
+    assert pixels(out / "grid.png").shape == (2 * 64, 3 * 64, 3)  # a row per prompt, 3 columns
 
 
 # ---------------------------------------------------------------------------------------------------------
