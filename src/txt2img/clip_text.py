@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from txt2img.modeling import ModelConfig, load_state_dict_strict, save_state_dict, weight_files
+from txt2img.modeling import (
+    ModelConfig,
+    build_on_meta,
+    load_state_dict_strict,
+    save_state_dict,
+    weight_files,
+)
 from txt2img.placement import resolve_dtype
 
 WEIGHTS_NAME = "model.safetensors"
@@ -58,6 +64,11 @@ class CLIPTextConfig(ModelConfig):
     eos_token_id: int = 49407
     bos_token_id: int = 49406
     pad_token_id: int = 1
+
+    def __post_init__(self) -> None:
+        heads, width = self.num_attention_heads, self.hidden_size
+        if heads < 1 or width % heads:
+            raise ValueError(f"num_attention_heads={heads} must be positive and divide hidden_size={width}.")
 
     @classmethod
     def from_transformers_dict(cls, data: dict[str, Any], source: str) -> CLIPTextConfig:
@@ -205,9 +216,9 @@ class CLIPTextModel(nn.Module):
         Raises:
             OSError: missing, corrupt or mismatched weights (all differences listed, naming the file).
         """
-        config = CLIPTextConfig.from_transformers_dict(data, source=str(folder / "config.json"))
-        with torch.device("meta"):
-            model = cls(config)
+        source = str(folder / "config.json")
+        config = CLIPTextConfig.from_transformers_dict(data, source=source)
+        model = build_on_meta(cls, config, source)
         files = weight_files(folder, WEIGHTS_NAME)
         expected = model.state_dict()
         state = load_state_dict_strict(files, expected, rename=_strip_diffusers_prefix)

@@ -48,6 +48,50 @@ def sibling(subfolder: str, name: str) -> str:
     return (Path(subfolder.strip("/")).parent / name).as_posix()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# A model's files stay inside its folder
+
+
+def check_relative(subfolder: str, root: Path | str) -> None:
+    """Refuse a ``subfolder`` that is absolute or climbs out with ``..``.
+
+    Raises:
+        OSError: naming the subfolder and the model.
+    """
+    parts = Path(subfolder).parts
+    if Path(subfolder).is_absolute() or ".." in parts or "\\" in subfolder:
+        raise OSError(
+            f"subfolder={subfolder!r} points outside the model {str(root)!r}: a component's folder is a relative "
+            "path inside the model, such as 'vae'."
+        )
+
+
+def subfolder_of(root: Path, subfolder: str) -> Path:
+    """``root / subfolder``, refusing one that leads out of ``root`` (``..``, an absolute path, or a link).
+
+    Raises:
+        OSError: the folder is outside ``root``, naming both and where it leads.
+    """
+    check_relative(subfolder, root)
+    folder = root / subfolder
+    if folder.exists() and not is_inside(folder, root):
+        raise OSError(
+            f"{folder} is a link leading out of the model folder {root} (to {folder.resolve()}); txt2img reads a "
+            "model only from inside its folder. Copy the component into the folder instead of linking it."
+        )
+    return folder
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, links followed, lies inside ``root`` (links followed too)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def is_plain_file_name(name: str) -> bool:
+    """Whether ``name`` names a file directly in a folder: no separator, not ``..``, not absolute."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
 def is_offline(local_files_only: bool) -> bool:
     """True when no request may be made: ``local_files_only`` or ``HF_HUB_OFFLINE`` set to a true value."""
     return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {
@@ -86,8 +130,10 @@ def resolve_folder(
         OSError: the folder or repo does not exist, or cannot be reached offline.
     """
     path = Path(name_or_path).expanduser()
+    if subfolder:
+        check_relative(subfolder, path)
     if path.is_dir():
-        folder = path / subfolder if subfolder else path
+        folder = subfolder_of(path, subfolder) if subfolder else path
         if not folder.is_dir():
             raise OSError(f"{path} has no subfolder {subfolder!r}: is this the right model folder?")
         return folder
@@ -101,7 +147,7 @@ def resolve_folder(
         )
     patterns = list(allow_patterns) if allow_patterns is not None else component_patterns(subfolder)
     root = _snapshot(name, patterns, revision, cache_dir, local_files_only, token)
-    folder = root / subfolder if subfolder else root
+    folder = subfolder_of(root, subfolder) if subfolder else root
     if not folder.is_dir():
         raise OSError(f"The Hub repo {name!r} (revision {revision or 'main'}) has no folder {subfolder!r}.")
     return folder

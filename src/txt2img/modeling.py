@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import os
 import types
 import typing
@@ -70,7 +71,10 @@ class ModelConfig:
         for name, value in data.items():
             if name in fields:
                 values[name] = _coerce(value, hints[name], f"{source}: key {name!r}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (ValueError, TypeError) as error:  # a __post_init__ check across keys
+            raise ValueError(f"{source}: {error}") from error
 
     def save(self, folder: Path, class_name: str) -> None:
         payload = {"_class_name": class_name, **self.to_dict()}
@@ -101,6 +105,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # JSON's NaN and Infinity literals, which Python's json accepts
+                raise ValueError(f"{where} has value {value!r}, expected a finite number.")
             return float(value)
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -119,13 +125,23 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise OSError(f"{path} does not exist: a model folder needs a config.json next to its weights.")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OSError(f"{path} is not valid JSON ({error}). Re-download or re-save the model.") from error
+    data = read_json(path)
     if not isinstance(data, dict):
         raise OSError(f"{path} must hold a JSON object, not {type(data).__name__}.")
     return data
+
+
+def read_json(path: Path) -> Any:
+    """Parse the JSON file ``path``.
+
+    Raises:
+        OSError: unreadable, not UTF-8, not JSON, or nested too deeply to parse (naming the file).
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise OSError(f"{path} is not valid JSON ({reason}). Re-download or re-save the model.") from error
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,11 +159,19 @@ def weight_files(folder: Path, weights_name: str) -> list[Path]:
         return [single]
     index = folder / f"{weights_name}.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise OSError(f"{index} is not a valid safetensors index (no 'weight_map').") from error
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise OSError(f"{index} is not a valid safetensors index (no 'weight_map' object).")
+        names = sorted({str(name) for name in weight_map.values()})
+        # A shard is a file beside the index: a path could make loading read any file on the machine.
+        outside = [name for name in names if not hub.is_plain_file_name(name)]
+        if outside:
+            raise OSError(
+                f"{index} names shard files outside its folder ({', '.join(map(repr, outside[:3]))}); "
+                "shards must be plain file names beside the index. The model folder is damaged or not safe."
+            )
+        return [folder / name for name in names]
     pickles = hub.find_pickle_files(folder)
     if pickles:
         raise OSError(
@@ -216,15 +240,57 @@ def load_state_dict_strict(
 
     state: dict[str, torch.Tensor] = {}
     for path in files:
+        read: dict[str, torch.Tensor] = {}
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                     name = rename(key)
                     if name is not None:
-                        state[name] = f.get_tensor(key)
+                        read[name] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise OSError(f"{path} is corrupt ({error}). Re-download or re-save it.") from error
+        check_finite(read, path)
+        state.update(read)
     return state
+
+
+def check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights holding NaN or infinity: no trained network has them, and a damaged file often does.
+
+    Safetensors files carry no checksum, so this is the one check of the numbers themselves. A sum per tensor
+    (NaN and infinity propagate through it; about 5 ms per 200 MB) screens them, and only a tensor whose sum is
+    not finite is looked at element by element (a half-precision sum may overflow on sound weights). A flipped
+    bit that leaves a finite number goes unnoticed.
+
+    Raises:
+        OSError: naming the file and the first tensors with such values.
+    """
+    bad = [
+        k
+        for k, t in state.items()
+        if t.is_floating_point() and not math.isfinite(t.sum().item()) and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise OSError(
+            f"{path} holds NaN or infinite values in {len(bad)} tensors ({', '.join(sorted(bad)[:5])}): "
+            "the file is damaged. Re-download or re-save it."
+        )
+
+
+def build_on_meta(build: Callable[[Any], nn.Module], config: Any, source: str) -> Any:
+    """``build(config)`` on the meta device (no memory, no random init).
+
+    Raises:
+        ValueError: the config's values make no network (negative sizes, channels not divisible by the
+            groups, ...), naming ``source``.
+    """
+    try:
+        with torch.device("meta"):
+            return build(config)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as error:
+        raise ValueError(
+            f"{source}: its values do not describe a model that can be built ({error})."
+        ) from error
 
 
 def save_state_dict(module: nn.Module, path: Path) -> None:
@@ -332,10 +398,10 @@ class ModelMixin(nn.Module):
         device: torch.device | str | None = None,
     ) -> Self:
         """Build the model from the parsed ``config.json`` ``data`` of ``folder`` and load its weights strictly."""
-        config = cls.config_from_dict(data, source=str(folder / CONFIG_NAME))
+        source = str(folder / CONFIG_NAME)
+        config = cls.config_from_dict(data, source=source)
         files = weight_files(folder, cls.weights_name)
-        with torch.device("meta"):
-            model = cls(config)
+        model = build_on_meta(cls, config, source)
         state = load_state_dict_strict(files, model.state_dict(), rename=cls.checkpoint_key)
         model.load_state_dict(state, strict=True, assign=True)
         return place(model, resolve_device(device), dtype).eval()  # type: ignore[return-value]

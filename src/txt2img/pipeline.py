@@ -26,6 +26,7 @@ from txt2img.gan import GANGenerator
 from txt2img.generation import GeneratorArg, draw_noise, reproducible_seeds
 from txt2img.images import OUTPUT_TYPES, numpy_to_pil, to_numpy, to_unit_range
 from txt2img.model_card import MODEL_CARD_NAME, ModelCard, write_model_card
+from txt2img.modeling import read_json
 from txt2img.offload import DeviceStore, DiskStore, Offloader, default_execution_device
 from txt2img.pipeline_output import Txt2ImgPipelineOutput
 from txt2img.placement import place, resolve_device, resolve_dtype
@@ -691,10 +692,7 @@ def read_model_index(root: Path) -> dict[str, Any]:
             f"{path} does not exist: a pipeline folder needs a model_index.json and one subfolder per component. "
             "To load a single component, use its own class (e.g. VAEDecoder.from_pretrained)."
         )
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OSError(f"{path} is not valid JSON ({error}).") from error
+    index = read_json(path)
     if not isinstance(index, dict):
         raise OSError(f"{path} must hold a JSON object.")
     return index

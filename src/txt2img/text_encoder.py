@@ -292,13 +292,23 @@ class TextEncoder(nn.Module):
             token=token,
         )
         data = read_config_json(folder)
-        settings = dict(data.get("txt2img") or {})
-        settings.pop("_class_name", None)
-        config = TextEncoderConfig.from_dict(settings, source=f"{folder / CONFIG_NAME} (key 'txt2img')")
+        source = f"{folder / CONFIG_NAME} (key 'txt2img')"
+        settings = data.get("txt2img") or {}
+        if not isinstance(settings, dict):
+            # A config's values of the wrong type are ValueErrors, like every other config check.
+            raise ValueError(f"{source} must be an object of txt2img's settings, not {settings!r}.")  # noqa: TRY004
+        settings = {k: v for k, v in settings.items() if k != "_class_name"}
+        config = TextEncoderConfig.from_dict(settings, source=source)
         native = NATIVE_MODEL_TYPES.get(str(data.get("model_type")))
         model = native.from_folder(folder, data, dtype) if native else _load_text_model(folder, data, dtype)
-        limit = data.get("max_position_embeddings")
-        tokenizer = _load_tokenizer(folder, config.max_length, int(limit) if limit else None)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+        if limit is not None and config.max_length is not None and not 0 < config.max_length <= limit:
+            raise ValueError(
+                f"{source}: max_length={config.max_length}, but the text model takes 1 to {limit} tokens "
+                "(its max_position_embeddings)."
+            )
+        tokenizer = _load_tokenizer(folder, config.max_length, limit)
         encoder = cls(tokenizer, model, config)
         return place(encoder, resolve_device(device), dtype).eval()  # type: ignore[return-value]
 
@@ -315,10 +325,21 @@ def _model_class(folder: Path, data: dict[str, Any]) -> type[PreTrainedModel]:
         candidate = getattr(transformers, str(name), None)
         if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
             return candidate
-    if data.get("model_type") is None:
+    model_type = data.get("model_type")
+    if model_type is None:
         raise ValueError(
             f"{folder / CONFIG_NAME} names no transformers architecture ('architectures' or 'model_type'): "
             "a text encoder folder holds a transformers text model."
+        )
+    if str(model_type) not in transformers.CONFIG_MAPPING:
+        own_code = (
+            " and asks for the folder's own code (auto_map), which txt2img never runs"
+            if "auto_map" in data
+            else ""
+        )
+        raise OSError(
+            f"{folder / CONFIG_NAME} names the architecture {model_type!r}, which transformers does not have"
+            f"{own_code}. Use a text encoder of an architecture transformers has built in (such as CLIP)."
         )
     return transformers.AutoModel  # type: ignore[return-value]
 
@@ -333,7 +354,12 @@ def _load_text_model(folder: Path, data: dict[str, Any], dtype: torch.dtype) -> 
         model, info = cast(
             "tuple[PreTrainedModel, dict[str, Any]]",
             model_class.from_pretrained(
-                folder, dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True
+                folder,
+                dtype=dtype,
+                use_safetensors=True,
+                local_files_only=True,
+                output_loading_info=True,
+                trust_remote_code=False,  # never run a model folder's code, nor ask on stdin whether to
             ),
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
@@ -352,9 +378,11 @@ def _load_text_model(folder: Path, data: dict[str, Any], dtype: torch.dtype) -> 
 
 def _load_tokenizer(folder: Path, max_length: int | None, limit: int | None) -> Tokenizer:
     """The tokenizer in ``folder`` or, as in the diffusers layout, in the sibling ``tokenizer/`` folder."""
-    for candidate in (folder, folder.parent / "tokenizer"):
-        if Tokenizer.holds_tokenizer(candidate):
-            return Tokenizer.from_folder(candidate, max_length, limit)
+    if Tokenizer.holds_tokenizer(folder):
+        return Tokenizer.from_folder(folder, max_length, limit)
+    sibling = hub.subfolder_of(folder.parent, "tokenizer")
+    if Tokenizer.holds_tokenizer(sibling):
+        return Tokenizer.from_folder(sibling, max_length, limit)
     raise OSError(
         f"No tokenizer found in {folder} or {folder.parent / 'tokenizer'}: expected tokenizer.json "
         "(or vocab.json and merges.txt)."

@@ -123,9 +123,11 @@ class Tokenizer:
         config_path = folder / TOKENIZER_CONFIG_FILE
         if config_path.is_file():
             try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as error:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
                 raise OSError(f"{config_path} is not valid JSON ({error}).") from error
+            if not isinstance(config, dict):
+                raise OSError(f"{config_path} must hold a JSON object, not {type(config).__name__}.")
         if (folder / TOKENIZER_FILE).is_file():
             import tokenizers
 
@@ -186,7 +188,8 @@ def _convert_with_transformers(
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        # trust_remote_code=False: never run a folder's code, nor ask on stdin whether to.
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise OSError(f"Could not load the tokenizer in {folder}: {error}") from error
     return tokenizer.backend_tokenizer, {**config, **_transformers_config(tokenizer)}

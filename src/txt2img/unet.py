@@ -720,7 +720,10 @@ def generator_patterns(subfolder: str | None) -> list[str]:
 def read_scheduler(folder: Path) -> SchedulerConfig:
     """The sampler of a UNet folder: its own ``scheduler_config.json``, else the diffusers layout's sibling
     ``scheduler/`` folder, else SD-Turbo's (logged)."""
-    for path in (folder / SCHEDULER_CONFIG_NAME, folder.parent / "scheduler" / SCHEDULER_CONFIG_NAME):
+    for path in (
+        folder / SCHEDULER_CONFIG_NAME,
+        hub.subfolder_of(folder.parent, "scheduler") / SCHEDULER_CONFIG_NAME,
+    ):
         if path.is_file():
             return SchedulerConfig.from_file(path)
     logger.info(
