@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from txt2img import hub, offload, precision
+from txt2img import hub, offload, precision, saving
 from txt2img.placement import place, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -437,9 +437,13 @@ class ModelMixin(nn.Module):
         return key
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and the safetensors weights into ``save_directory`` (created if needed)."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write ``config.json`` and the safetensors weights into ``save_directory`` (created if needed), all at
+        once: a save that fails or is interrupted leaves the folder as it was (``txt2img.saving``)."""
+        with saving.staged_folder(save_directory, marker=CONFIG_NAME) as stage:
+            self.save_files(stage)
+
+    def save_files(self, folder: Path) -> None:
+        """Write the model's files into the existing empty ``folder`` (subclasses add theirs)."""
         self.config.save(folder, type(self).__name__)
         save_state_dict(self, folder / self.weights_name)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from txt2img import hub, logs, precision
+from txt2img import hub, logs, precision, saving
 from txt2img.attention import SliceSize, set_attention_slicing
 from txt2img.gan import GANGenerator
 from txt2img.generation import GeneratorArg, draw_noise, reproducible_seeds
@@ -308,7 +308,10 @@ class Txt2ImgPipeline:
         """Write ``model_index.json``, one subfolder per component and a model card (``README.md``).
 
         A ``README.md`` already in ``save_directory`` is kept (your own card is never lost), unless
-        ``overwrite_model_card=True``.
+        ``overwrite_model_card=True``; so are files the save does not write. The save is all at once
+        (``txt2img.saving``): everything is written into a hidden folder first and then moved into place,
+        ``model_index.json`` last, so a save that fails or is interrupted never leaves a folder that loads
+        into something else, and a failed save into an existing folder leaves it as it was.
 
         Args:
             save_directory: The folder (created if needed).
@@ -326,14 +329,16 @@ class Txt2ImgPipeline:
 
         card = ModelCard.from_value(model_card) if model_card is not None else None  # checked before writing
         folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        index: dict[str, Any] = {"_class_name": type(self).__name__, "_txt2img_version": __version__}
-        for name, component in self.components.items():
-            index[name] = ["txt2img", type(component).__name__]
-            component.save_pretrained(folder / name)
-        (folder / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         model_id = repo_id or os.fspath(save_directory)
-        write_model_card(self, folder, card, model_id, overwrite=overwrite_model_card)
+        with saving.staged_folder(folder, marker=MODEL_INDEX_NAME) as stage:
+            index: dict[str, Any] = {"_class_name": type(self).__name__, "_txt2img_version": __version__}
+            for name, component in self.components.items():
+                index[name] = ["txt2img", type(component).__name__]
+                component.save_pretrained(stage / name)
+            (stage / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            # A card already in the folder is kept (write_model_card only says so); else the new one joins.
+            kept = (folder / MODEL_CARD_NAME).exists() and not overwrite_model_card
+            write_model_card(self, folder if kept else stage, card, model_id, overwrite=overwrite_model_card)
         logger.info("Saved the pipeline to %s", folder)
 
     def push_to_hub(

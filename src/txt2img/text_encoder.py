@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from txt2img import hub, offload, precision
+from txt2img import hub, offload, precision, saving
 from txt2img.clip_text import CLIPTextModel
 from txt2img.modeling import CONFIG_NAME, ModelConfig, read_config_json, weight_files
 from txt2img.placement import place, resolve_device, resolve_dtype
@@ -238,14 +238,14 @@ class TextEncoder(nn.Module):
         return patterns
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the text model, the tokenizer and txt2img's settings into one transformers folder."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-        config = json.loads((folder / CONFIG_NAME).read_text())
-        config["txt2img"] = {"_class_name": "TextEncoder", **self.config.to_dict()}
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        """Write the text model, the tokenizer and txt2img's settings into one transformers folder, all at once
+        (``txt2img.saving``: a save that fails or is interrupted leaves the folder as it was)."""
+        with saving.staged_folder(save_directory, marker=CONFIG_NAME) as folder:
+            self.model.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+            config = json.loads((folder / CONFIG_NAME).read_text())
+            config["txt2img"] = {"_class_name": "TextEncoder", **self.config.to_dict()}
+            (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -701,11 +700,11 @@ class UNetGenerator(ModelMixin):
         model.scheduler = read_scheduler(folder)
         return model
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``config.json``, the safetensors weights and ``scheduler_config.json`` into one folder."""
-        super().save_pretrained(save_directory)
+    def save_files(self, folder: Path) -> None:
+        """Write ``config.json``, the safetensors weights and ``scheduler_config.json`` into ``folder``."""
+        super().save_files(folder)
         payload = json.dumps(self.scheduler.to_dict(), indent=2) + "\n"
-        (Path(save_directory) / SCHEDULER_CONFIG_NAME).write_text(payload)
+        (folder / SCHEDULER_CONFIG_NAME).write_text(payload)
 
 
 def generator_patterns(subfolder: str | None) -> list[str]:
