@@ -253,6 +253,11 @@ class GANGenerator(ModelMixin):
         """
         return (batch_size, self.config.z_dim)
 
+    @property
+    def text_dims(self) -> tuple[int | None, int | None]:
+        """Sizes of the text features it takes: (token features, pooled vector)."""
+        return self.config.text_dim, self.config.pooled_dim
+
     @classmethod
     def download_patterns(cls, subfolder: str | None) -> list[str]:
         """The generator's folder and, for a UNet in the diffusers layout, the sibling scheduler config."""

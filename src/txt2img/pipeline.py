@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from txt2img import hub, logs, precision, saving
+from txt2img import checks, hub, logs, memory, precision, saving
 from txt2img.attention import SliceSize, set_attention_slicing
 from txt2img.gan import GANGenerator
 from txt2img.generation import GeneratorArg, draw_noise, reproducible_seeds
@@ -78,6 +77,8 @@ class Txt2ImgPipeline:
         self.vae = vae
         self._progress_bar_config: dict[str, Any] = {}
         self._offloader: Offloader | None = None
+        #: What a call's estimated memory is checked against (see :meth:`set_memory_limit`).
+        self.memory_limit: memory.MemoryLimit = "auto"
         #: The Hub repo id or folder ``from_pretrained`` loaded, written into PNG metadata; ``None`` when
         #: the pipeline was built in memory.
         self.name_or_path: str | None = None
@@ -191,6 +192,32 @@ class Txt2ImgPipeline:
     def disable_attention_slicing(self) -> None:
         """Compute attention in one piece again."""
         self.enable_attention_slicing(None)
+
+    def set_memory_limit(self, limit: memory.MemoryLimit = "auto") -> None:
+        """Refuse calls whose estimated memory exceeds ``limit``, before they start (``txt2img.memory``).
+
+        A call that would exhaust memory otherwise gets the whole process killed (on a CPU) or fails deep in a
+        layer (on a GPU); refused, it raises :class:`~txt2img.memory.InsufficientMemoryError` (a
+        ``MemoryError`` and a ``ValueError``) with the estimate and what to change.
+
+        Args:
+            limit: ``"auto"`` (the default): the memory available on the execution device at the start of each
+                call. A number of bytes: that instead, e.g. a share of the machine for each of several
+                workers, or more than is free on a machine that swaps. ``None``: no check.
+        """
+        self.memory_limit = memory.check_limit(limit)
+
+    def memory_estimate(
+        self,
+        batch_size: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+    ) -> int:
+        """Estimated bytes a call of ``batch_size`` images allocates beyond the weights (what
+        :meth:`set_memory_limit` checks); default size ``default_size``."""
+        height, width = height or self.default_size, width or self.default_size
+        return memory.call_bytes(self, batch_size, height, width, output_type)
 
     def _enable_offload(self, device: torch.device | str | None, *, sequential: bool) -> None:
         target = resolve_device(device) if device is not None else default_execution_device()
@@ -456,8 +483,8 @@ class Txt2ImgPipeline:
         Raises:
             ValueError, TypeError: arguments that cannot work, with what to change.
         """
-        # 1. Check inputs
-        height, width = self.check_inputs(
+        # 1. Check inputs (and refuse a call that would exhaust memory)
+        height, width, _ = self.check_inputs(
             prompt,
             prompt_embeds,
             num_images_per_prompt,
@@ -466,7 +493,10 @@ class Txt2ImgPipeline:
             num_inference_steps,
             truncation_psi,
             output_type,
+            generator,
+            latents,
         )
+        num_images_per_prompt = int(num_images_per_prompt)
         latent_height, latent_width = height // self.vae.scale_factor, width // self.vae.scale_factor
         with (
             self._call_lock(),
@@ -513,51 +543,40 @@ class Txt2ImgPipeline:
         num_inference_steps: int,
         truncation_psi: float,
         output_type: str,
-    ) -> tuple[int, int]:
-        """Check a call's arguments; returns the image ``(height, width)``."""
+        generator: GeneratorArg = None,
+        latents: torch.Tensor | None = None,
+    ) -> tuple[int, int, int]:
+        """Check a call's arguments, and its estimated memory against the limit (``set_memory_limit``).
+
+        Returns:
+            The image ``(height, width)`` and the number of images.
+
+        Raises:
+            ValueError, TypeError: an argument that cannot work, naming it and what would.
+            txt2img.memory.InsufficientMemoryError: the call would need more memory than the limit.
+        """
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass either prompt= or prompt_embeds=, exactly one of them.")
         if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, (list, tuple)):
-                raise TypeError(f"prompt must be a string or a list of strings, not {type(prompt).__name__}.")
-            if not prompts:
-                raise ValueError("prompt is an empty list: pass at least one prompt.")
-            bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
-            if bad:
-                raise TypeError(f"Every prompt must be a string; got {', '.join(sorted(set(bad)))}.")
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(
-                f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}."
-            )
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        if not isinstance(truncation_psi, (int, float)) or not math.isfinite(truncation_psi):
-            raise ValueError(f"truncation_psi must be a finite number, got {truncation_psi!r}.")
+            prompts = len(checks.prompt_list(prompt))
+        else:
+            prompts = len(checks.prompt_embeds(prompt_embeds, *self.gan.text_dims))
+        batch = prompts * checks.positive_int("num_images_per_prompt", num_images_per_prompt)
+        checks.positive_int("num_inference_steps", num_inference_steps)
+        checks.finite_number("truncation_psi", truncation_psi)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {', '.join(OUTPUT_TYPES)}.")
-        sizes = []
-        for name, value in (("height", height), ("width", width)):
-            if value is None:
-                value = self.default_size
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}.")
-            if value % self.size_factor:
-                lower = max(self.size_factor, value - value % self.size_factor)
-                raise ValueError(
-                    f"{name}={value} is not a multiple of this model's factor {self.size_factor}: "
-                    f"try {lower} or {lower + self.size_factor}."
-                )
-            sizes.append(value)
-        return sizes[0], sizes[1]
+        height, width = (
+            checks.image_side(name, self.default_size if value is None else value, self.size_factor)
+            for name, value in (("height", height), ("width", width))
+        )
+        f = self.vae.scale_factor
+        if latents is not None:
+            checks.latents(latents, self.gan.noise_shape(batch, height // f, width // f))
+        else:
+            checks.generators(generator, batch)
+        memory.check_call(self, batch, height, width, output_type, self.memory_limit)
+        return height, width, batch
 
     def describe_images(
         self,
@@ -605,23 +624,8 @@ class Txt2ImgPipeline:
         """The generator's input noise: ``latents`` if given (checked), else drawn from ``generator``."""
         shape = self.gan.noise_shape(batch_size, latent_height, latent_width)
         if latents is not None:
-            if tuple(latents.shape) != tuple(shape):
-                raise ValueError(
-                    f"latents has shape {tuple(latents.shape)}, but this call needs noise of shape {shape}."
-                )
-            return latents.to(self.device, self.dtype)
-        if generator is not None and not isinstance(generator, (torch.Generator, list)):
-            raise TypeError(
-                f"generator must be a torch.Generator or a list of them, not {type(generator).__name__}."
-            )
-        if isinstance(generator, list):
-            if any(not isinstance(g, torch.Generator) for g in generator):
-                raise TypeError("generator list must hold only torch.Generator objects.")
-            if len(generator) != batch_size:
-                raise ValueError(
-                    f"Got {len(generator)} generators for {batch_size} images "
-                    "(prompts × num_images_per_prompt): pass one generator per image, or a single one."
-                )
+            return checks.latents(latents, shape).to(self.device, self.dtype)
+        checks.generators(generator, batch_size)
         return draw_noise(shape, generator, device=self.device, dtype=self.dtype)
 
     def generate_latents(

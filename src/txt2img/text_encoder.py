@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 TEXT_WEIGHTS_NAME = "model.safetensors"
 CACHE_SIZE = 32  # encoded prompt batches kept by each TextEncoder
+LOGGED_DROPPED_CHARS = 200  # of a prompt's truncated text, shown in the warning (a log line stays a line)
 NATIVE_MODEL_TYPES = {"clip_text_model": CLIPTextModel}
 
 
@@ -89,6 +90,29 @@ class PromptEmbeds:
             self.pooled.to(device, dtype),
             self.attention_mask.to(device),
         )
+
+
+def check_prompt_texts(prompts: list[str]) -> None:
+    """Refuse prompts that are not valid Unicode text, which the tokenizer cannot read.
+
+    Any string of valid code points is a prompt (empty, emoji, control characters, NUL included). A lone
+    surrogate is not: it comes from bytes decoded with ``errors="surrogateescape"`` (e.g. undecodable file names
+    or command-line arguments), and is refused with where it is.
+
+    Raises:
+        TypeError: a prompt that is not a string.
+        ValueError: a prompt holding a lone surrogate.
+    """
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise TypeError(f"Prompt {i} is a {type(text).__name__}, not a string.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"Prompt {i} is not valid Unicode: a lone surrogate {text[error.start]!r} at character "
+                f"{error.start}. Decode the text as UTF-8 with errors='replace' before passing it."
+            ) from error
 
 
 class TextEncoder(nn.Module):
@@ -144,14 +168,18 @@ class TextEncoder(nn.Module):
         Returns:
             ``(input_ids, attention_mask)``, each (B, max_length) int64.
         """
+        check_prompt_texts(prompts)
         input_ids, mask, dropped = self.tokenizer(prompts)
         for i, text in enumerate(dropped):
             if text:
+                shown = text if len(text) <= LOGGED_DROPPED_CHARS else text[:LOGGED_DROPPED_CHARS] + "…"
+                more = f" ({len(text) - LOGGED_DROPPED_CHARS} more characters)" if shown is not text else ""
                 logger.warning(
-                    "Prompt %d is longer than the text encoder's %d tokens; this part was dropped: %r",
+                    "Prompt %d is longer than the text encoder's %d tokens; this part was dropped: %r%s",
                     i,
                     self.max_length,
-                    text,
+                    shown,
+                    more,
                 )
         return input_ids, mask
 

@@ -559,6 +559,12 @@ class UNetGenerator(ModelMixin):
         """Initial noise: one latent image per sample, (B, in_channels, height, width)."""
         return (batch_size, self.config.in_channels, height, width)
 
+    @property
+    def text_dims(self) -> tuple[int | None, int | None]:
+        """Sizes of the text features it takes: (token features, pooled vector: unused, ``None``)."""
+        dims = set(self.config.per_block("cross_attention_dim"))
+        return (dims.pop() if len(dims) == 1 else None), None
+
     def generate(
         self,
         noise: torch.Tensor,
