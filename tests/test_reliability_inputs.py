@@ -217,6 +217,9 @@ def test_the_memory_limit_can_be_set_lowered_or_switched_off(own_pipe: Txt2ImgPi
 def test_the_estimate_follows_batch_size_and_decoder_settings(own_pipe: Txt2ImgPipeline) -> None:
     one, four = own_pipe.memory_estimate(1, 256, 256), own_pipe.memory_estimate(4, 256, 256)
     assert four == 4 * one
+    # PIL images add a scaled, a rounded and two 8-bit copies of the (B, 3, H, W) float32 images.
+    pil, np_ = own_pipe.memory_estimate(1, 256, 512, "pil"), own_pipe.memory_estimate(1, 256, 512, "np")
+    assert pil - np_ == 3 * 256 * 512 * (2 * 4 + 2)
     try:
         own_pipe.vae.enable_slicing()
         assert own_pipe.memory_estimate(4, 256, 256) < 0.5 * four  # the decoder holds one image at a time

@@ -186,7 +186,8 @@ def call_bytes(pipe: Txt2ImgPipeline, batch: int, height: int, width: int, outpu
     f = pipe.vae.scale_factor
     h, w = height // f, width // f
     text = pipe.text_encoder
-    embeds = batch * text.max_length * (text.hidden_size + 1) * torch.finfo(pipe.dtype).bits // 8
+    features = getattr(text.model.config, "hidden_size", None) or 1024  # transformers configs may lack it
+    embeds = batch * text.max_length * (features + 1) * torch.finfo(pipe.dtype).bits // 8
     networks = generator_bytes(pipe.gan, batch, h, w)
     images = batch * pipe.vae.config.latent_channels * h * w * 4
     if output_type != "latent":

@@ -482,6 +482,8 @@ class Txt2ImgPipeline:
 
         Raises:
             ValueError, TypeError: arguments that cannot work, with what to change.
+            txt2img.memory.InsufficientMemoryError: a call that would need more memory than is available (or
+                than :meth:`set_memory_limit` allows), refused before it starts.
         """
         # 1. Check inputs (and refuse a call that would exhaust memory)
         height, width, _ = self.check_inputs(
@@ -496,7 +498,7 @@ class Txt2ImgPipeline:
             generator,
             latents,
         )
-        num_images_per_prompt = int(num_images_per_prompt)
+        num_images_per_prompt, num_inference_steps = int(num_images_per_prompt), int(num_inference_steps)
         latent_height, latent_width = height // self.vae.scale_factor, width // self.vae.scale_factor
         with (
             self._call_lock(),
