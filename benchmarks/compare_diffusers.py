@@ -42,34 +42,81 @@ TOLERANCE = 2e-3
 PROMPT = "a photo of a red fox in the snow"
 KL_BLOCKS = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
 FULL = {  # SD-Turbo: the SD 2.1 UNet, the SD VAE, the SD 2 (OpenCLIP ViT-H) text tower; TAESD's defaults
-    "unet": {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280),
-             "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
-             "use_linear_projection": True},
-    "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "sample_size": 512,
-            **KL_BLOCKS},
-    "text": {"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
-             "num_hidden_layers": 23, "max_position_embeddings": 77, "hidden_act": "gelu",
-             "projection_dim": 512},
+    "unet": {
+        "sample_size": 64,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "attention_head_dim": (5, 10, 20, 20),
+        "cross_attention_dim": 1024,
+        "use_linear_projection": True,
+    },
+    "vae": {
+        "block_out_channels": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "sample_size": 512,
+        **KL_BLOCKS,
+    },
+    "text": {
+        "vocab_size": 49408,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 23,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "projection_dim": 512,
+    },
     "taesd": {},
 }
 TINY = {
-    "unet": {"sample_size": 8, "block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8,
-             "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-             "cross_attention_dim": 32, "attention_head_dim": (2, 4), "use_linear_projection": True},
-    "vae": {"block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 4,
-            "sample_size": 64, **KL_BLOCKS},
-    "text": {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
-             "num_hidden_layers": 3, "max_position_embeddings": 77, "hidden_act": "gelu"},
-    "taesd": {"encoder_block_out_channels": (8,) * 4, "decoder_block_out_channels": (8,) * 4,
-              "num_encoder_blocks": (1,) * 4, "num_decoder_blocks": (1,) * 4},
+    "unet": {
+        "sample_size": 8,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+    },
+    "vae": {
+        "block_out_channels": (8, 16, 16, 16),
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "sample_size": 64,
+        **KL_BLOCKS,
+    },
+    "text": {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 3,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+    },
+    "taesd": {
+        "encoder_block_out_channels": (8,) * 4,
+        "decoder_block_out_channels": (8,) * 4,
+        "num_encoder_blocks": (1,) * 4,
+        "num_decoder_blocks": (1,) * 4,
+    },
 }
-SD_TURBO_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                      "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
-                      "timestep_spacing": "trailing", "steps_offset": 1}
+SD_TURBO_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+}
 # FlopCounterMode has no formula for the flash-attention kernel that SDPA runs on CPUs: count it as SDPA.
-CPU_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-                  lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, out_shape=None, **kwargs: (
+        sdpa_flop_count(q, k, v)
+    )
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,11 +138,18 @@ def build_folder(tiny: bool) -> Path:
     shutil.rmtree(unfinished, ignore_errors=True)
     vocab = unfinished / "vocab"
     char_tokenizer(vocab)  # writes vocab.json and merges.txt: one token per character
-    tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77,
-                              pad_token="!")  # SD 2 pads with "!"
+    # SD 2 pads with "!"
+    tokenizer = CLIPTokenizer(
+        str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77, pad_token="!"
+    )
     pipe = StableDiffusionPipeline(
-        vae=randomize(vae, 2), text_encoder=randomize(text, 0), tokenizer=tokenizer, unet=randomize(unet, 1),
-        scheduler=EulerDiscreteScheduler(**SD_TURBO_SCHEDULER), safety_checker=None, feature_extractor=None,
+        vae=randomize(vae, 2),
+        text_encoder=randomize(text, 0),
+        tokenizer=tokenizer,
+        unet=randomize(unet, 1),
+        scheduler=EulerDiscreteScheduler(**SD_TURBO_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(unfinished)
@@ -142,8 +196,15 @@ def prompts(batch: int, run: int | str) -> list[str]:
 def generate(pipe: Any, batch: int, size: int, run: int | str) -> np.ndarray:
     extra = {"guidance_scale": 0.0} if isinstance(pipe, StableDiffusionPipeline) else {}
     generator = torch.Generator().manual_seed(0)
-    return pipe(prompts(batch, run), height=size, width=size, num_inference_steps=1, output_type="np",
-                generator=generator, **extra).images
+    return pipe(
+        prompts(batch, run),
+        height=size,
+        width=size,
+        num_inference_steps=1,
+        output_type="np",
+        generator=generator,
+        **extra,
+    ).images
 
 
 def check_agreement(theirs: np.ndarray, ours: np.ndarray, what: str) -> float:
@@ -176,8 +237,10 @@ def end_to_end_rows(decoder: str, theirs: Any, ours: Any, args: argparse.Namespa
             what = f"{decoder} {size}² batch {batch}"
             warm_up = [generate(pipe, batch, size, "warm-up") for pipe in (theirs, ours)]
             diff = check_agreement(*warm_up, what)
-            calls = {"diffusers": partial(generate, theirs, batch, size),
-                     "txt2img": partial(generate, ours, batch, size)}
+            calls = {
+                "diffusers": partial(generate, theirs, batch, size),
+                "txt2img": partial(generate, ours, batch, size),
+            }
             median = alternate(calls, args.runs)
             a, b = median["diffusers"], median["txt2img"]
             rows.append(f"| {decoder} | {size}² | {batch} | {a:.3f} | {b:.3f} | {b / a:.2f} | {diff:.1e} |")
@@ -222,8 +285,10 @@ def peak_flops(runs: int) -> dict[str, float]:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(memory_format=torch.channels_last)
     x = torch.randn(1, 256, 128, 128).to(memory_format=torch.channels_last)
-    kernels = {"matmul 2048² @ 2048²": partial(torch.mm, a, b),
-               "conv 3×3, 256 ch, 128², channels-last": partial(conv, x)}
+    kernels = {
+        "matmul 2048² @ 2048²": partial(torch.mm, a, b),
+        "conv 3×3, 256 ch, 128², channels-last": partial(conv, x),
+    }
     return {name: count_flops(fn) / median_seconds(fn, runs) for name, fn in kernels.items()}
 
 
@@ -253,8 +318,10 @@ def component_rows(
 ) -> list[str]:
     """Per size and component: GFLOP per image, median seconds, GFLOP/s, fraction of peak, floor; then the
     totals of each pipeline (times summed)."""
-    totals = {"total, SD VAE": ("text encoder", "UNet", "VAE decoder"),
-              "total, TAESD": ("text encoder", "UNet", "TAESD decoder")}
+    totals = {
+        "total, SD VAE": ("text encoder", "UNet", "VAE decoder"),
+        "total, TAESD": ("text encoder", "UNet", "TAESD decoder"),
+    }
     rows = []
     for size in sizes:
         calls = components(ours, taesd, size)
@@ -264,8 +331,10 @@ def component_rows(
                 measured[total] = (sum(measured[p][0] for p in parts), sum(measured[p][1] for p in parts))
         for name, (flops, seconds) in measured.items():
             rate = flops / seconds
-            rows.append(f"| {size}² | {name} | {flops / 1e9:.4g} | {seconds:.3g} | {rate / 1e9:.0f} | "
-                        f"{100 * rate / peak:.0f}% | {flops / peak:.3g} |")
+            rows.append(
+                f"| {size}² | {name} | {flops / 1e9:.4g} | {seconds:.3g} | {rate / 1e9:.0f} | "
+                f"{100 * rate / peak:.0f}% | {flops / peak:.3g} |"
+            )
     return rows
 
 
@@ -284,8 +353,10 @@ def header() -> str:
     cpu = fields.get("model name") or platform.processor() or platform.machine()
     flags = fields.get("flags", "").split()
     cpu += " (AVX-512)" if "avx512f" in flags else " (AVX2)" if "avx2" in flags else ""
-    versions = (f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
-                f"transformers {transformers.__version__}, txt2img {txt2img.__version__}")
+    versions = (
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}, txt2img {txt2img.__version__}"
+    )
     command = " ".join(["python", *sys.argv])
     return f"{cpu}, {torch.get_num_threads()} threads; {versions}; {datetime.date.today()}; `{command}`"
 
@@ -331,17 +402,30 @@ def main() -> None:
         theirs_taesd, ours_taesd = load_taesd_pair(folder, theirs, ours)
         rows += end_to_end_rows("TAESD", theirs_taesd, ours_taesd, args)
         taesd = ours_taesd.vae
-    table(f"End to end, one step, prompt → np image (median of {args.runs} runs, seconds)",
-          ["decoder", "size", "batch", "diffusers", "txt2img", "txt2img / diffusers", "max abs diff"], rows)
-    table("Embedded default model, txt2img", ["size", "batch", "latency (ms)", "images/s"],
-          embedded_rows(args.batches, args.runs))
-    table("Peak float32 FLOP/s of this machine", ["kernel", "GFLOP/s"],
-          [f"| {name} | {rate / 1e9:.0f} |" for name, rate in peaks.items()])
-    table(f"txt2img components alone, batch 1 (peak = {peak / 1e9:.0f} GFLOP/s; floor = FLOPs ÷ peak)",
-          ["size", "component", "GFLOP / image", "time (s)", "GFLOP/s", "of peak", "floor (s)"],
-          component_rows(ours, taesd, args.sizes, max(args.runs, 3), peak))
-    print(f"\nPeak resident memory of the process (both libraries' pipelines in it): {loaded_mib:.0f} MiB "
-          f"after loading, {peak_rss_mib():.0f} MiB in all")
+    table(
+        f"End to end, one step, prompt → np image (median of {args.runs} runs, seconds)",
+        ["decoder", "size", "batch", "diffusers", "txt2img", "txt2img / diffusers", "max abs diff"],
+        rows,
+    )
+    table(
+        "Embedded default model, txt2img",
+        ["size", "batch", "latency (ms)", "images/s"],
+        embedded_rows(args.batches, args.runs),
+    )
+    table(
+        "Peak float32 FLOP/s of this machine",
+        ["kernel", "GFLOP/s"],
+        [f"| {name} | {rate / 1e9:.0f} |" for name, rate in peaks.items()],
+    )
+    table(
+        f"txt2img components alone, batch 1 (peak = {peak / 1e9:.0f} GFLOP/s; floor = FLOPs ÷ peak)",
+        ["size", "component", "GFLOP / image", "time (s)", "GFLOP/s", "of peak", "floor (s)"],
+        component_rows(ours, taesd, args.sizes, max(args.runs, 3), peak),
+    )
+    print(
+        f"\nPeak resident memory of the process (both libraries' pipelines in it): {loaded_mib:.0f} MiB "
+        f"after loading, {peak_rss_mib():.0f} MiB in all"
+    )
 
 
 if __name__ == "__main__":

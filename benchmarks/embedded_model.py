@@ -41,7 +41,17 @@ def cli_seconds(runs: int) -> float:
         for i in range(runs + 1):
             start = time.perf_counter()
             subprocess.run(
-                [sys.executable, "-m", "txt2img", PROMPT, "-o", str(Path(tmp) / "out.png"), "--seed", str(i), "--quiet"],
+                [
+                    sys.executable,
+                    "-m",
+                    "txt2img",
+                    PROMPT,
+                    "-o",
+                    str(Path(tmp) / "out.png"),
+                    "--seed",
+                    str(i),
+                    "--quiet",
+                ],
                 check=True,
                 capture_output=True,
             )
@@ -60,8 +70,10 @@ def main() -> None:
         ("images/s, batch 64", f"{images_per_second(pipe, 64, args.runs):.0f}"),
         ("CLI, start to written PNG", f"{cli_seconds(args.runs):.2f} s"),
     ]
-    print(f"Embedded model, float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}\n")
+    print(
+        f"Embedded model, float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}\n"
+    )
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

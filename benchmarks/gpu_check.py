@@ -31,7 +31,9 @@ def run(pipe, size: int) -> tuple[np.ndarray, float, float]:  # type: ignore[no-
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    images = pipe(PROMPT, height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        PROMPT, height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     torch.cuda.synchronize()
     return images, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**20
 
@@ -51,14 +53,25 @@ def main() -> int:
         from sd_turbo_random import sd_turbo_random
 
         args.model = str(sd_turbo_random())
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.size}×{args.size}, {time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.size}×{args.size}, {time.strftime('%Y-%m-%d')}\n"
+    )
     failures = []
 
     print("| knob (float16) | peak GPU memory (MiB) | call time (s) | placement |")
     print("|---|---|---|---|")
     reference = None
-    for knob in ("none", "model_offload", "sequential_offload", "attention_slicing", "vae_slicing", "vae_tiling"):
-        pipe = Txt2ImgPipeline.from_pretrained(args.model, dtype=torch.float16, device=None if "offload" in knob else "cuda")
+    for knob in (
+        "none",
+        "model_offload",
+        "sequential_offload",
+        "attention_slicing",
+        "vae_slicing",
+        "vae_tiling",
+    ):
+        pipe = Txt2ImgPipeline.from_pretrained(
+            args.model, dtype=torch.float16, device=None if "offload" in knob else "cuda"
+        )
         pipe.set_progress_bar_config(disable=True)
         seen: dict[str, dict[str, int]] = {}
         if knob == "model_offload":
@@ -74,7 +87,13 @@ def main() -> int:
         components = pipe.components
         for name, component in components.items():
 
-            def record(module: nn.Module, inputs: object, name: str = name, seen: dict = seen, components: dict = components) -> None:  # type: ignore[type-arg]
+            def record(
+                module: nn.Module,
+                inputs: object,
+                name: str = name,
+                seen: dict = seen,  # type: ignore[type-arg]
+                components: dict = components,  # type: ignore[type-arg]
+            ) -> None:
                 seen.setdefault(name, {k: on_gpu(c) for k, c in components.items()})
 
             component.register_forward_pre_hook(record)
@@ -82,7 +101,9 @@ def main() -> int:
         images, seconds, peak = run(pipe, args.size)
         placement = "-"
         if knob == "model_offload":
-            ok = all(state[other] == 0 for running, state in seen.items() for other in state if other != running)
+            ok = all(
+                state[other] == 0 for running, state in seen.items() for other in state if other != running
+            )
             ok = ok and all(state[running] > 0 for running, state in seen.items())
             ok = ok and all(on_gpu(c) == 0 for c in pipe.components.values())
             placement = "only the running component on the GPU" if ok else f"WRONG: {seen}"
@@ -96,11 +117,16 @@ def main() -> int:
         if reference is None:
             reference = images
         difference = float(np.abs(images - reference).max())
-        print(f"| {knob} | {peak:,.0f} | {seconds:.3f} | {placement}; max diff to 'none' {difference:.2e} |", flush=True)
+        print(
+            f"| {knob} | {peak:,.0f} | {seconds:.3f} | {placement}; max diff to 'none' {difference:.2e} |",
+            flush=True,
+        )
         del pipe
         torch.cuda.empty_cache()
 
-    print("\n| dtype | call time (s) | peak GPU memory (MiB) | max abs diff to float32 (images in [0, 1]) | finite |")
+    print(
+        "\n| dtype | call time (s) | peak GPU memory (MiB) | max abs diff to float32 (images in [0, 1]) | finite |"
+    )
     print("|---|---|---|---|---|")
     outputs = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -110,7 +136,10 @@ def main() -> int:
         images, seconds, peak = run(pipe, args.size)
         outputs[dtype] = images
         difference = float(np.abs(images - outputs[torch.float32]).max())
-        print(f"| {str(dtype).removeprefix('torch.')} | {seconds:.3f} | {peak:,.0f} | {difference:.2e} | {bool(np.isfinite(images).all())} |", flush=True)
+        print(
+            f"| {str(dtype).removeprefix('torch.')} | {seconds:.3f} | {peak:,.0f} | {difference:.2e} | {bool(np.isfinite(images).all())} |",
+            flush=True,
+        )
         del pipe
         torch.cuda.empty_cache()
     if failures:

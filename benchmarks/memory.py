@@ -60,7 +60,8 @@ def worker(knob: str, model: str, size: int, batch: int) -> dict[str, float]:
     if "vae_tiling" in knob:
         pipe.vae.enable_tiling(tile_size=32, overlap=8)
     prompts = ["a photo of a cat"] * batch
-    pipe(prompts, height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="np")  # warm-up
+    # warm-up
+    pipe(prompts, height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="np")
     process_peak_before = status_mib("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the current resident size
     before = status_mib("VmRSS")
@@ -69,15 +70,24 @@ def worker(knob: str, model: str, size: int, batch: int) -> dict[str, float]:
     pipe(prompts, height=size, width=size, generator=torch.Generator().manual_seed(1), output_type="np")
     seconds = time.perf_counter() - start
     call_peak = status_mib("VmHWM")
-    return {"before": before, "call_peak": call_peak, "process_peak": max(process_peak_before, call_peak), "seconds": seconds}
+    return {
+        "before": before,
+        "call_peak": call_peak,
+        "process_peak": max(process_peak_before, call_peak),
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--model", help="a pipeline folder (default: SD-Turbo's architecture, random weights)")
-    parser.add_argument("--knobs", default=",".join(KNOBS), help="comma-separated subset of: " + ", ".join(KNOBS))
+    parser.add_argument(
+        "--model", help="a pipeline folder (default: SD-Turbo's architecture, random weights)"
+    )
+    parser.add_argument(
+        "--knobs", default=",".join(KNOBS), help="comma-separated subset of: " + ", ".join(KNOBS)
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -90,13 +100,28 @@ def main() -> None:
         args.model = str(sd_turbo_random())
     import torch
 
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"model {args.model}; {args.size}×{args.size}, batch {args.batch}; {time.strftime('%Y-%m-%d')}\n")
-    print("| knob | RSS before the call (MiB) | peak during the call (MiB) | peak of the process (MiB) | call time (s) |")
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"model {args.model}; {args.size}×{args.size}, batch {args.batch}; {time.strftime('%Y-%m-%d')}\n"
+    )
+    print(
+        "| knob | RSS before the call (MiB) | peak during the call (MiB) | peak of the process (MiB) | call time (s) |"
+    )
     print("|---|---|---|---|---|")
     for knob in args.knobs.split(","):
         done = subprocess.run(
-            [sys.executable, __file__, "--worker", knob, "--model", args.model, "--size", str(args.size), "--batch", str(args.batch)],
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                knob,
+                "--model",
+                args.model,
+                "--size",
+                str(args.size),
+                "--batch",
+                str(args.batch),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -105,7 +130,10 @@ def main() -> None:
             print(f"| {KNOBS[knob]} | failed: {done.stderr.strip().splitlines()[-1]} | | | |")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"| {KNOBS[knob]} | {r['before']:,.0f} | {r['call_peak']:,.0f} | {r['process_peak']:,.0f} | {r['seconds']:.1f} |", flush=True)
+        print(
+            f"| {KNOBS[knob]} | {r['before']:,.0f} | {r['call_peak']:,.0f} | {r['process_peak']:,.0f} | {r['seconds']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

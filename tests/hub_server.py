@@ -35,6 +35,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+from typing_extensions import Self
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 LAST_MODIFIED = "2024-01-01T00:00:00.000Z"
@@ -201,7 +202,7 @@ class HubServer:
     def running(self) -> bool:
         return self._httpd is not None
 
-    def start(self) -> HubServer:
+    def start(self) -> Self:
         if self._httpd is not None:
             raise RuntimeError("the server is already running")
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -223,7 +224,7 @@ class HubServer:
         if thread is not None:
             thread.join(timeout=5)
 
-    def __enter__(self) -> HubServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -258,13 +259,13 @@ class _HubHandler(BaseHTTPRequestHandler):
     server_version = "LocalHub/1.0"
     hub: HubServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence the default stderr log
+    def log_message(self, format: str, *args: object) -> None:  # silence the default stderr log
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._handle(send_body=True)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._handle(send_body=False)
 
     # -----------------------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         try:
             self.hub._record(request)
             self._route(segments, parse_qs(split.query), send_body)
-        except Exception as error:  # a bug in the server or a hook: answer 500 rather than hang the client
+        except Exception as error:  # noqa: BLE001 - any bug in the server or a hook: a 500, not a hung client
             self._send_json(500, {"error": f"{type(error).__name__}: {error}"}, send_body)
 
     def _route(self, segments: list[str], query: dict[str, list[str]], send_body: bool) -> None:
@@ -300,13 +301,19 @@ class _HubHandler(BaseHTTPRequestHandler):
         repo, found = self.hub._lookup(repo_id, revision)
         if repo is None:
             self._send_json(
-                404, {"error": "Repository not found"}, send_body, error_code="RepoNotFound",
+                404,
+                {"error": "Repository not found"},
+                send_body,
+                error_code="RepoNotFound",
                 error_message="Repository not found",
             )
             return None
         if found is None:
             self._send_json(
-                404, {"error": f"Invalid rev id: {revision}"}, send_body, error_code="RevisionNotFound",
+                404,
+                {"error": f"Invalid rev id: {revision}"},
+                send_body,
+                error_code="RevisionNotFound",
                 error_message=f"Invalid rev id: {revision}",
             )
             return None
@@ -346,7 +353,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         for name, data in sorted(found.files.items()):
             if not name.startswith(prefix):
                 continue
-            rest = name[len(prefix):]
+            rest = name[len(prefix) :]
             if not recursive and "/" in rest:
                 folders.add(prefix + rest.split("/")[0])
                 continue
@@ -356,7 +363,10 @@ class _HubHandler(BaseHTTPRequestHandler):
             entries.append({"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": name})
         if prefix and not entries and not folders:
             self._send_json(
-                404, {"error": f"{path} does not exist"}, send_body, error_code="EntryNotFound",
+                404,
+                {"error": f"{path} does not exist"},
+                send_body,
+                error_code="EntryNotFound",
                 commit=found.sha,
             )
             return
@@ -373,8 +383,12 @@ class _HubHandler(BaseHTTPRequestHandler):
         data = found.files.get(path)
         if data is None:
             self._send_json(
-                404, {"error": "Entry not found"}, send_body, error_code="EntryNotFound",
-                error_message="Entry not found", commit=found.sha,
+                404,
+                {"error": "Entry not found"},
+                send_body,
+                error_code="EntryNotFound",
+                error_message="Entry not found",
+                commit=found.sha,
             )
             return
         self.send_response(200)

@@ -18,7 +18,8 @@ from txt2img.utils import read_png_metadata
 
 def test_writes_the_pipelines_image_with_metadata(saved_pipeline: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out.png"
-    assert main(["a red circle", "-o", str(out), "--model", str(saved_pipeline), "--seed", "42", "--quiet"]) == 0
+    code = main(["a red circle", "-o", str(out), "--model", str(saved_pipeline), "--seed", "42", "--quiet"])
+    assert code == 0
     assert capsys.readouterr().out.strip() == str(out)
     pipe = Txt2ImgPipeline.from_pretrained(saved_pipeline)
     expected = pipe("a red circle", generator=torch.Generator().manual_seed(42)).images[0]
@@ -35,7 +36,20 @@ def test_writes_the_pipelines_image_with_metadata(saved_pipeline: Path, tmp_path
 
 def test_several_images_get_consecutive_seeds(saved_pipeline: Path, tmp_path: Path) -> None:
     out = tmp_path / "shapes.png"
-    code = main(["a blue square", "-o", str(out), "--model", str(saved_pipeline), "--seed", "7", "--num-images", "2", "--quiet"])
+    code = main(
+        [
+            "a blue square",
+            "-o",
+            str(out),
+            "--model",
+            str(saved_pipeline),
+            "--seed",
+            "7",
+            "--num-images",
+            "2",
+            "--quiet",
+        ]
+    )
     assert code == 0
     seeds = [read_png_metadata(tmp_path / f"shapes-{i}.png").seed for i in range(2)]
     assert seeds == [7, 8]
@@ -62,7 +76,9 @@ def test_model_that_cannot_be_found(tmp_path: Path, capsys) -> None:
 
 
 def test_bad_size_is_an_error_not_a_traceback(saved_pipeline: Path, tmp_path: Path, capsys) -> None:
-    assert main(["a", "--model", str(saved_pipeline), "--height", "30", "-o", str(tmp_path / "x.png"), "--quiet"]) == 1
+    out = tmp_path / "x.png"
+    code = main(["a", "--model", str(saved_pipeline), "--height", "30", "-o", str(out), "--quiet"])
+    assert code == 1
     assert "height=30 is not a multiple" in capsys.readouterr().err
 
 
@@ -76,7 +92,19 @@ def test_bad_arguments_exit_2(argv: list[str]) -> None:
 def test_python_dash_m_runs_the_cli(saved_pipeline: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.png"
     result = subprocess.run(
-        [sys.executable, "-m", "txt2img", "a red circle", "-o", str(out), "--model", str(saved_pipeline), "--seed", "1"],
+        [
+            sys.executable,
+            "-m",
+            "txt2img",
+            "a red circle",
+            "-o",
+            str(out),
+            "--model",
+            str(saved_pipeline),
+            "--seed",
+            "1",
+        ],
+        check=False,  # the assertion below shows stderr
         capture_output=True,
         text=True,
         timeout=120,

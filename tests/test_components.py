@@ -83,7 +83,9 @@ def test_vae_encoder_inverts_shapes_and_scaling() -> None:
         latents = encoder.sample(images, generator=torch.Generator().manual_seed(0))
     assert mean.shape == logvar.shape == (2, 4, 8, 8)
     noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(latents, (mean + torch.exp(0.5 * logvar) * noise) * encoder.config.scaling_factor)
+    torch.testing.assert_close(
+        latents, (mean + torch.exp(0.5 * logvar) * noise) * encoder.config.scaling_factor
+    )
 
 
 # -- GAN --------------------------------------------------------------------------------------------------
@@ -197,7 +199,12 @@ def test_text_encoder_save_load_is_bit_exact(tmp_path: Path) -> None:
     assert loaded.config == encoder.config
     assert_same_state(encoder.model, loaded.model)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode("a red circle").hidden_states, encoder.encode("a red circle").hidden_states, rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.encode("a red circle").hidden_states,
+            encoder.encode("a red circle").hidden_states,
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_text_encoder_folder_is_a_transformers_folder(tmp_path: Path) -> None:
@@ -216,12 +223,22 @@ def test_native_clip_text_model_equals_transformers(act: str, tmp_path: Path) ->
 
     from txt2img.clip_text import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                            num_hidden_layers=3, max_position_embeddings=16, hidden_act=act, eos_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=16,
+        hidden_act=act,
+        eos_token_id=1,
+    )
     torch.manual_seed(0)
     reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config.to_dict())).eval()
     reference.save_pretrained(tmp_path / "ref")
-    ours = CLIPTextModel.from_folder(tmp_path / "ref", json.loads((tmp_path / "ref" / "config.json").read_text()))
+    ours = CLIPTextModel.from_folder(
+        tmp_path / "ref", json.loads((tmp_path / "ref" / "config.json").read_text())
+    )
     ids = torch.randint(2, 50, (3, 16))
     ids[:, 9] = 1  # end-of-text
     mask = (torch.arange(16) < 10).long().expand(3, -1)

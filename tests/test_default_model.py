@@ -43,13 +43,17 @@ def test_default_model_loads_with_sockets_forbidden(monkeypatch: pytest.MonkeyPa
     pipe = Txt2ImgPipeline.from_pretrained(DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.default_size == 64
-    image = pipe("a large red circle in the center on a blue background", generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a large red circle in the center on a blue background", generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
 
 
 def test_default_model_follows_prompts(default_pipe: Txt2ImgPipeline) -> None:
     # A small sample of the evaluation; the full table (600 images per split) is in docs/training.md.
-    report = evaluate(pipeline_generator(default_pipe), num_images=48, seed=1, variety_prompts=4, variety_seeds=2)
+    report = evaluate(
+        pipeline_generator(default_pipe), num_images=48, seed=1, variety_prompts=4, variety_seeds=2
+    )
     assert report.seen["all five"] >= 0.5, report.to_markdown()
     assert report.seen["color"] >= 0.8 and report.seen["background"] >= 0.8, report.to_markdown()
     assert report.variety is not None and report.variety > 0.5, report.to_markdown()
@@ -68,8 +72,20 @@ def test_default_models_card_runs_and_reports_its_evaluation(tmp_path: Path) -> 
 def test_cli_without_model_uses_the_default(tmp_path: Path) -> None:
     out = tmp_path / "out.png"
     result = subprocess.run(
-        [sys.executable, "-m", "txt2img", "a small green circle at the top on a white background", "-o", str(out), "--seed", "3"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "txt2img",
+            "a small green circle at the top on a white background",
+            "-o",
+            str(out),
+            "--seed",
+            "3",
+        ],
+        check=False,  # the assertion below shows stderr
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     meta = read_png_metadata(out)
@@ -79,13 +95,27 @@ def test_cli_without_model_uses_the_default(tmp_path: Path) -> None:
 def test_wheel_carries_the_default_model(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (wheel,) = tmp_path.glob("txt2img-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {
         str(p.relative_to(Path(txt2img.__file__).parent.parent)).replace("\\", "/")
-        for p in Path(DEFAULT_MODEL).rglob("*") if p.is_file()
+        for p in Path(DEFAULT_MODEL).rglob("*")
+        if p.is_file()
     }
     assert expected and expected <= names, sorted(expected - names)

@@ -38,20 +38,22 @@ SCHEDULERS = {
     "lcm": LCMScheduler,
     "ddpm": DDPMScheduler,
 }
-SD_SCHEDULER = dict(  # Stable Diffusion's noise schedule with the one-step models' trailing timesteps
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    timestep_spacing="trailing",
-    steps_offset=1,
-    set_alpha_to_one=False,
-    clip_sample=False,
-)
+SD_SCHEDULER = {  # Stable Diffusion's noise schedule with the one-step models' trailing timesteps
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
 
 
-def build_components(vae_kind: str, *, hidden_act: str = "quick_gelu", pad_token: str = "<|endoftext|>") -> dict[str, Any]:
+def build_components(
+    vae_kind: str, *, hidden_act: str = "quick_gelu", pad_token: str = "<|endoftext|>"
+) -> dict[str, Any]:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -135,7 +137,12 @@ def run_both(
         output_type=output_type,
         **kwargs,
     ).images
-    actual = ours(PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(7), output_type=output_type).images
+    actual = ours(
+        PROMPTS,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(7),
+        output_type=output_type,
+    ).images
     return np.asarray(expected), np.asarray(actual)
 
 
@@ -148,7 +155,9 @@ def components(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
-def test_pipeline_equals_diffusers(components: dict[str, Any], scheduler: str, steps: int, tmp_path: Path) -> None:
+def test_pipeline_equals_diffusers(
+    components: dict[str, Any], scheduler: str, steps: int, tmp_path: Path
+) -> None:
     reference = save_diffusers_pipeline(tmp_path, components, scheduler)
     ours = Txt2ImgPipeline.from_pretrained(tmp_path / "model")
     ours.set_progress_bar_config(disable=True)
@@ -196,7 +205,9 @@ def test_swapped_decoder_and_txt2img_layout_round_trip(tmp_path: Path) -> None:
     tiny.save_pretrained(tmp_path / "taesd")
     reference.vae = tiny
 
-    ours = Txt2ImgPipeline.from_pretrained(tmp_path / "kl" / "model", vae=VAEDecoder.from_pretrained(tmp_path / "taesd"))
+    ours = Txt2ImgPipeline.from_pretrained(
+        tmp_path / "kl" / "model", vae=VAEDecoder.from_pretrained(tmp_path / "taesd")
+    )
     ours.set_progress_bar_config(disable=True)
     expected, actual = run_both(reference, ours, 1, "np")
     assert np.abs(actual - expected).max() < TOLERANCE
@@ -216,10 +227,22 @@ def test_swapped_decoder_and_txt2img_layout_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
-        dict(block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=8, scaling_factor=0.13025,
-             mid_block_add_attention=False, use_post_quant_conv=False),
-        dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, shift_factor=0.1159, scaling_factor=0.3611),
+        {"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4},
+        {
+            "block_out_channels": (8, 16, 16),
+            "layers_per_block": 2,
+            "norm_num_groups": 8,
+            "scaling_factor": 0.13025,
+            "mid_block_add_attention": False,
+            "use_post_quant_conv": False,
+        },
+        {
+            "block_out_channels": (8, 16),
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "shift_factor": 0.1159,
+            "scaling_factor": 0.3611,
+        },
     ],
     ids=["sd-like", "sdxl-like-no-mid-attention-no-post-quant-conv", "with-shift"],
 )
@@ -257,7 +280,7 @@ def test_full_size_vae_and_text_encoder_keys_and_shapes_equal_diffusers() -> Non
         projection_dim=512,
     )
     with torch.device("meta"):
-        for vae_config in (dict(), dict(scaling_factor=0.13025, force_upcast=True)):  # SD, SDXL
+        for vae_config in ({}, {"scaling_factor": 0.13025, "force_upcast": True}):  # SD, SDXL
             reference = AutoencoderKL(
                 block_out_channels=(128, 256, 512, 512),
                 down_block_types=("DownEncoderBlock2D",) * 4,
@@ -267,11 +290,15 @@ def test_full_size_vae_and_text_encoder_keys_and_shapes_equal_diffusers() -> Non
                 **vae_config,
             )
             ours = VAEDecoder(VAEDecoder.config_from_dict(dict(reference.config)))
-            expected = {k: tuple(v.shape) for k, v in reference.state_dict().items() if VAEDecoder.checkpoint_key(k)}
+            expected = {
+                k: tuple(v.shape) for k, v in reference.state_dict().items() if VAEDecoder.checkpoint_key(k)
+            }
             assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == expected
             assert ours.config.scaling_factor == reference.config.scaling_factor
         text_reference = CLIPTextModel(sd2_text)
-        text_ours = NativeCLIPTextModel(NativeCLIPTextConfig.from_transformers_dict(sd2_text.to_dict(), source="sd2"))
+        text_ours = NativeCLIPTextModel(
+            NativeCLIPTextConfig.from_transformers_dict(sd2_text.to_dict(), source="sd2")
+        )
     expected = {k.removeprefix("text_model."): tuple(v.shape) for k, v in text_reference.state_dict().items()}
     expected.pop("embeddings.position_ids", None)
     assert {k: tuple(v.shape) for k, v in text_ours.state_dict().items()} == expected
@@ -281,13 +308,19 @@ def test_full_size_vae_and_text_encoder_keys_and_shapes_equal_diffusers() -> Non
 # A diffusers repo on the Hub, and the CLI
 
 
-def test_diffusers_repo_from_the_hub_fetches_only_what_it_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_diffusers_repo_from_the_hub_fetches_only_what_it_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from hub_server import serve_hub
 
     reference = save_diffusers_pipeline(tmp_path, build_components("tiny"), "euler", legacy_tokenizer=True)
     repo = tmp_path / "model"
     # What such repos also hold: a safety checker, precision variants, pickle weights, a second decoder.
-    for extra in ("safety_checker/config.json", "feature_extractor/preprocessor_config.json", "vae_large/config.json"):
+    for extra in (
+        "safety_checker/config.json",
+        "feature_extractor/preprocessor_config.json",
+        "vae_large/config.json",
+    ):
         (repo / extra).parent.mkdir(exist_ok=True)
         (repo / extra).write_text("{}")
     (repo / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"\0" * 64)
@@ -298,10 +331,18 @@ def test_diffusers_repo_from_the_hub_fetches_only_what_it_runs(monkeypatch: pyte
         ours = Txt2ImgPipeline.from_pretrained("org/sd-tiny")
         downloaded = hub.downloaded_files("org/sd-tiny")
 
-    assert {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-            "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-            "text_encoder/model.safetensors"} <= downloaded
-    assert not [f for f in downloaded if f.startswith(("safety_checker/", "feature_extractor/", "vae_large/"))]
+    assert {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    } <= downloaded
+    assert not [
+        f for f in downloaded if f.startswith(("safety_checker/", "feature_extractor/", "vae_large/"))
+    ]
     assert not [f for f in downloaded if f.endswith((".bin", ".fp16.safetensors"))]
     ours.set_progress_bar_config(disable=True)
     expected, actual = run_both(reference, ours, 1, "np")
@@ -316,10 +357,27 @@ def test_cli_runs_a_diffusers_folder_with_steps(tmp_path: Path) -> None:
 
     reference = save_diffusers_pipeline(tmp_path, build_components("kl"), "lcm")
     out = tmp_path / "out.png"
-    status = main([PROMPTS[0], "--model", str(tmp_path / "model"), "--steps", "2", "--seed", "3", "-o", str(out), "--quiet"])
+    status = main(
+        [
+            PROMPTS[0],
+            "--model",
+            str(tmp_path / "model"),
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert status == 0
     expected = reference(
-        PROMPTS[0], num_inference_steps=2, guidance_scale=0.0, generator=torch.Generator().manual_seed(3), output_type="np"
+        PROMPTS[0],
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
     ).images[0]
     written = np.asarray(Image.open(out), dtype=np.float32) / 255
     assert np.abs(written - expected).max() <= 1 / 255 + TOLERANCE  # 8-bit rounding

@@ -15,7 +15,9 @@ CPU = torch.device("cpu")
 
 def test_draw_noise_matches_torch_randn_for_one_generator() -> None:
     noise = draw_noise((2, 3), torch.Generator().manual_seed(0), device=CPU, dtype=torch.float32)
-    torch.testing.assert_close(noise, torch.randn((2, 3), generator=torch.Generator().manual_seed(0)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        noise, torch.randn((2, 3), generator=torch.Generator().manual_seed(0)), rtol=0, atol=0
+    )
 
 
 def test_draw_noise_with_a_generator_list_draws_each_sample_alone() -> None:
@@ -55,4 +57,3 @@ def test_unit_range_and_pil_conversion() -> None:
     assert unit[0, 0, 0].tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
     pil = numpy_to_pil(unit.permute(0, 2, 3, 1).numpy())[0]
     assert [pil.getpixel((x, 0))[0] for x in range(5)] == [0, 0, 128, 255, 255]
-

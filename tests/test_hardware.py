@@ -25,7 +25,10 @@ PROMPTS = ["a red cat", "two dogs"]
 
 
 def images(pipe: Txt2ImgPipeline, seed: int = 0, n: int = 1) -> np.ndarray:
-    return pipe(PROMPTS, num_images_per_prompt=n, generator=torch.Generator().manual_seed(seed), output_type="np").images  # type: ignore[return-value]
+    output = pipe(
+        PROMPTS, num_images_per_prompt=n, generator=torch.Generator().manual_seed(seed), output_type="np"
+    )
+    return output.images  # type: ignore[return-value]
 
 
 def awake(module: nn.Module) -> int:
@@ -52,7 +55,9 @@ def test_offloaded_pipeline_gives_the_same_images_call_after_call(
     enable = getattr(offloaded, f"enable_{mode}_cpu_offload")
     enable()
     enable()  # idempotent: the hooks are replaced, not doubled
-    assert len(offloaded.gan._forward_pre_hooks) == (1 if mode == "model" else len(offloaded.gan._forward_pre_hooks))
+    assert len(offloaded.gan._forward_pre_hooks) == (
+        1 if mode == "model" else len(offloaded.gan._forward_pre_hooks)
+    )
     hooks_after_two = sum(len(m._forward_pre_hooks) for m in offloaded.gan.modules())
     enable()
     assert sum(len(m._forward_pre_hooks) for m in offloaded.gan.modules()) == hooks_after_two
@@ -64,7 +69,9 @@ def test_offloaded_pipeline_gives_the_same_images_call_after_call(
 
 
 @pytest.mark.parametrize("mode", ["model", "sequential"])
-def test_offloaded_pipeline_under_threads(offloaded: Txt2ImgPipeline, expected: tuple[np.ndarray, np.ndarray], mode: str) -> None:
+def test_offloaded_pipeline_under_threads(
+    offloaded: Txt2ImgPipeline, expected: tuple[np.ndarray, np.ndarray], mode: str
+) -> None:
     getattr(offloaded, f"enable_{mode}_cpu_offload")()
     results: list[np.ndarray | None] = [None] * 8
     errors: list[BaseException] = []
@@ -88,7 +95,7 @@ def test_model_offload_wakes_one_component_at_a_time(offloaded: Txt2ImgPipeline)
     offloaded.enable_model_cpu_offload()
     seen: dict[str, dict[str, int]] = {}
 
-    def record(name: str):  # noqa: ANN202
+    def record(name: str):
         def hook(module: nn.Module, args: object) -> None:
             seen.setdefault(name, {k: awake(c) for k, c in offloaded.components.items()})
 
@@ -123,14 +130,18 @@ def test_sequential_offload_wakes_one_layer_at_a_time(offloaded: Txt2ImgPipeline
     assert largest_awake == 0
 
 
-def test_to_is_refused_after_sequential_offload_and_turns_model_offload_off(offloaded: Txt2ImgPipeline, expected) -> None:  # noqa: ANN001
+def test_to_is_refused_after_sequential_offload_and_turns_model_offload_off(
+    offloaded: Txt2ImgPipeline, expected
+) -> None:
     offloaded.enable_sequential_cpu_offload()
     with pytest.raises(RuntimeError, match="disable_offload"):
         offloaded.to("cpu")
     offloaded.enable_model_cpu_offload()
     with pytest.warns(UserWarning, match="turns model CPU offload off"):
         offloaded.to("cpu")
-    assert all(awake(c) == sum(1 for _ in (*c.parameters(), *c.buffers())) for c in offloaded.components.values())
+    assert all(
+        awake(c) == sum(1 for _ in (*c.parameters(), *c.buffers())) for c in offloaded.components.values()
+    )
     assert np.array_equal(images(offloaded), expected[0])
     offloaded.enable_model_cpu_offload()
     offloaded.disable_offload()
@@ -139,7 +150,12 @@ def test_to_is_refused_after_sequential_offload_and_turns_model_offload_off(offl
 
 def test_offload_files_keep_channels_last_and_map_without_copy(tmp_path: Path) -> None:
     conv = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
-    tensors = {"conv": conv, "vector": torch.randn(5), "half": torch.randn(3, 2).half(), "empty": torch.zeros(0)}
+    tensors = {
+        "conv": conv,
+        "vector": torch.randn(5),
+        "half": torch.randn(3, 2).half(),
+        "empty": torch.zeros(0),
+    }
     write_safetensors(tmp_path / "t.safetensors", tensors)
     back = read_safetensors_mmap(tmp_path / "t.safetensors")
     for name, tensor in tensors.items():
@@ -183,7 +199,9 @@ print(json.dumps({{"sizes": sizes, "before": before, "peak": hwm_mib()}}))
 
 def peak_of_call(mode: str, tmp_path: Path) -> dict:  # type: ignore[type-arg]
     code = PEAK_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path / mode), mode=mode)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -203,7 +221,9 @@ def test_model_offload_to_disk_lowers_the_peak_memory_of_a_call(tmp_path: Path) 
 # dtype policy
 
 
-def test_half_precision_on_the_cpu_is_stored_half_and_computed_in_float32(saved_pipeline: Path, expected) -> None:  # noqa: ANN001
+def test_half_precision_on_the_cpu_is_stored_half_and_computed_in_float32(
+    saved_pipeline: Path, expected
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the notice is a log line, not a warning that breaks callers
         half = Txt2ImgPipeline.from_pretrained(saved_pipeline, dtype=torch.float16)
@@ -252,7 +272,7 @@ def test_non_finite_latents_raise_instead_of_a_black_image(pipe: Txt2ImgPipeline
 # Attention slicing through the pipeline
 
 
-def test_attention_slicing_through_the_pipeline(offloaded: Txt2ImgPipeline, expected) -> None:  # noqa: ANN001
+def test_attention_slicing_through_the_pipeline(offloaded: Txt2ImgPipeline, expected) -> None:
     from txt2img.attention import Attention
 
     attentions = [m for c in offloaded.components.values() for m in c.modules() if isinstance(m, Attention)]

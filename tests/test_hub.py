@@ -263,8 +263,10 @@ def test_sharded_weights_from_hub(
     shutil.copy(saved_pipeline / "vae" / "config.json", repo / "vae" / "config.json")
     state = {k: v.contiguous() for k, v in pipe.vae.state_dict().items()}
     keys = sorted(state)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2],
+    }
     for name, shard_keys in shards.items():
         save_file({k: state[k] for k in shard_keys}, str(repo / "vae" / name), metadata={"format": "pt"})
     weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}

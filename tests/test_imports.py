@@ -10,7 +10,9 @@ EXTRAS = ("diffusers", "pytest", "mkdocs", "accelerate", "hypothesis")
 
 def imported_after(code: str) -> set[str]:
     script = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
     return set(result.stdout.split())
 
 

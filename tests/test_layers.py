@@ -10,8 +10,12 @@ from txt2img.layers import Upsample
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize(("channels", "height", "width"), [(3, 5, 7), (16, 8, 8), (8, 1, 2), (4, 64, 66), (3, 65, 64)])
-def test_upsample_equals_nearest_upsampling_then_the_convolution(channels: int, height: int, width: int, channels_last: bool) -> None:
+@pytest.mark.parametrize(
+    ("channels", "height", "width"), [(3, 5, 7), (16, 8, 8), (8, 1, 2), (4, 64, 66), (3, 65, 64)]
+)
+def test_upsample_equals_nearest_upsampling_then_the_convolution(
+    channels: int, height: int, width: int, channels_last: bool
+) -> None:
     torch.manual_seed(0)
     layer = Upsample(channels)
     x = torch.randn(2, channels, height, width)
@@ -30,8 +34,12 @@ def test_upsample_to_another_size_and_gradients() -> None:
     layer = Upsample(4)
     x = torch.randn(1, 4, 64, 64, requires_grad=True)  # large enough for the sub-pixel path
     odd = layer(x, (127, 130))  # the UNet's skip sizes need not be twice the input
-    assert torch.allclose(odd, layer.conv._conv_forward(F.interpolate(x, size=(127, 130)), layer.conv.weight, layer.conv.bias))
+    assert torch.allclose(
+        odd, layer.conv._conv_forward(F.interpolate(x, size=(127, 130)), layer.conv.weight, layer.conv.bias)
+    )
     layer(x).sum().backward()  # the sub-pixel path is differentiable (the VAE trains through it)
     reference = x.detach().clone().requires_grad_(True)
-    F.conv2d(F.interpolate(reference, scale_factor=2.0), layer.conv.weight, layer.conv.bias, padding=1).sum().backward()
+    F.conv2d(
+        F.interpolate(reference, scale_factor=2.0), layer.conv.weight, layer.conv.bias, padding=1
+    ).sum().backward()
     assert torch.allclose(x.grad, reference.grad, atol=1e-5)

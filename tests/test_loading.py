@@ -36,7 +36,9 @@ def test_pickle_only_folder_is_refused_without_unpickling(copy: Path, tmp_path: 
     weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
     weights.unlink()
     (copy / "vae" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(payload))
-    with pytest.raises(OSError, match=r"only pickle weights \(diffusion_pytorch_model.bin\).*save_file") as info:
+    with pytest.raises(
+        OSError, match=r"only pickle weights \(diffusion_pytorch_model.bin\).*save_file"
+    ) as info:
         Txt2ImgPipeline.from_pretrained(copy)
     assert str(copy / "vae") in str(info.value)
     assert not marker.exists()
@@ -68,7 +70,9 @@ def test_config_with_wrong_types_or_missing_keys(copy: Path) -> None:
 def test_corrupt_safetensors_is_a_clear_error(copy: Path, damage: str) -> None:
     path = copy / "gan" / "diffusion_pytorch_model.safetensors"
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\x01garbage" * 100, "empty": b""}[damage])
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "garbage": b"\x00\x01garbage" * 100, "empty": b""}[damage]
+    )
     with pytest.raises(OSError, match="not a valid safetensors file|corrupt") as info:
         Txt2ImgPipeline.from_pretrained(copy)
     assert str(path) in str(info.value)
@@ -99,17 +103,24 @@ def test_sharded_weights_load(tmp_path: Path) -> None:
     vae.config.save(folder, "VAEDecoder")
     state = {k: v.contiguous() for k, v in vae.state_dict().items()}
     keys = sorted(state)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2], "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2],
+    }
     for name, shard_keys in shards.items():
         save_file({k: state[k] for k in shard_keys}, folder / name)
     weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
     loaded = VAEDecoder.from_pretrained(folder)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
 
 
 def test_folder_of_another_class_is_refused(copy: Path) -> None:
-    with pytest.raises(ValueError, match="describes a 'VAEDecoder', which GANGenerator.from_pretrained cannot load"):
+    with pytest.raises(
+        ValueError, match="describes a 'VAEDecoder', which GANGenerator.from_pretrained cannot load"
+    ):
         GANGenerator.from_pretrained(copy, subfolder="vae")
 
 
@@ -191,15 +202,28 @@ def test_unknown_text_architecture(copy: Path) -> None:
 @pytest.mark.parametrize(
     ("index", "error", "message"),
     [
-        ({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, ValueError,
-         "StableDiffusionXLPipeline, which txt2img cannot run"),
-        ({"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
-          "text_encoder": ["transformers", "CLIPTextModel"]}, OSError, "lists no 'unet' component"),
+        (
+            {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]},
+            ValueError,
+            "StableDiffusionXLPipeline, which txt2img cannot run",
+        ),
+        (
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+            },
+            OSError,
+            "lists no 'unet' component",
+        ),
     ],
     ids=["sdxl", "diffusers-without-unet"],
 )
 def test_diffusers_pipelines_txt2img_cannot_run_are_refused_by_name(
-    tmp_path: Path, index: dict, error: type, message: str  # type: ignore[type-arg]
+    tmp_path: Path,
+    index: dict,  # type: ignore[type-arg]
+    error: type,
+    message: str,
 ) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(error, match=message):

@@ -40,7 +40,9 @@ def test_output_types_agree(pipe: Txt2ImgPipeline) -> None:
     assert as_np.min() >= 0.0 and as_np.max() <= 1.0
     assert as_pt.shape == (2, 3, 32, 32)
     np.testing.assert_array_equal(as_pt.permute(0, 2, 3, 1).numpy(), as_np)
-    np.testing.assert_array_equal(np.stack([np.asarray(im) for im in as_pil]), (as_np * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(
+        np.stack([np.asarray(im) for im in as_pil]), (as_np * 255).round().astype(np.uint8)
+    )
     assert latents.shape == (2, 4, 16, 16)
     with torch.no_grad():
         decoded = (pipe.vae.decode(latents) / 2 + 0.5).clamp(0, 1)
@@ -84,7 +86,8 @@ def test_prompt_embeds_skip_the_text_encoder(pipe: Txt2ImgPipeline) -> None:
     with torch.no_grad():
         embeds = pipe.encode_prompt(["a red circle"])
     np.testing.assert_array_equal(
-        np_images(pipe, None, prompt_embeds=embeds, generator=gen(3)), np_images(pipe, "a red circle", generator=gen(3))
+        np_images(pipe, None, prompt_embeds=embeds, generator=gen(3)),
+        np_images(pipe, "a red circle", generator=gen(3)),
     )
 
 
@@ -94,7 +97,9 @@ def test_height_and_width_change_the_size(pipe: Txt2ImgPipeline) -> None:
 
 def test_concurrent_calls_equal_serial_calls(pipe: Txt2ImgPipeline) -> None:
     prompts = [f"prompt {i}" for i in range(8)]
-    serial = [np_images(pipe, p, generator=gen(i), num_images_per_prompt=1 + i % 2) for i, p in enumerate(prompts)]
+    serial = [
+        np_images(pipe, p, generator=gen(i), num_images_per_prompt=1 + i % 2) for i, p in enumerate(prompts)
+    ]
     results: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(prompts))
@@ -157,7 +162,9 @@ def test_pipeline_save_load_is_bit_exact(pipe: Txt2ImgPipeline, saved_pipeline: 
         a, b = component.state_dict(), loaded.components[name].state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    np.testing.assert_array_equal(np_images(pipe, "a red circle", generator=gen(0)), np_images(loaded, "a red circle", generator=gen(0)))
+    np.testing.assert_array_equal(
+        np_images(pipe, "a red circle", generator=gen(0)), np_images(loaded, "a red circle", generator=gen(0))
+    )
 
 
 def test_saved_layout_and_model_card(saved_pipeline: Path) -> None:
@@ -168,7 +175,11 @@ def test_saved_layout_and_model_card(saved_pipeline: Path) -> None:
     assert index["gan"] == ["txt2img", "GANGenerator"]
     assert index["vae"] == ["txt2img", "VAEDecoder"]
     assert index["text_encoder"] == ["txt2img", "TextEncoder"]
-    for name, weights in [("gan", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")]:
+    for name, weights in [
+        ("gan", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ]:
         assert (saved_pipeline / name / "config.json").is_file()
         assert (saved_pipeline / name / weights).is_file()
     card = (saved_pipeline / "README.md").read_text()

@@ -39,11 +39,18 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_recipe_writes_a_loadable_pipeline_and_its_by_products(tiny_run: Path) -> None:
     pipe = Txt2ImgPipeline.from_pretrained(tiny_run / "model")
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(["a large red circle in the center on a blue background"], generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        ["a large red circle in the center on a blue background"],
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert images.shape == (1, 64, 64, 3)
     assert VAEEncoder.from_pretrained(tiny_run / "vae_encoder").config == pipe.vae.config
     assert (tiny_run / "samples" / "final.png").is_file()
-    assert sorted(p.name for p in (tiny_run / "samples").glob("step-*.png")) == ["step-000010.png", "step-000020.png"]
+    assert sorted(p.name for p in (tiny_run / "samples").glob("step-*.png")) == [
+        "step-000010.png",
+        "step-000020.png",
+    ]
     assert set(json.loads((tiny_run / "timings.json").read_text())) == {"vae", "pool", "text_encoder", "gan"}
 
 
@@ -74,7 +81,9 @@ def test_word_tokenizer_round_trips_through_text_encoder(tmp_path: Path) -> None
     assert torch.equal(loaded.tokenizer([prompt])[0], ids)
     assert int(mask.sum()) == len(prompt.split()) + 2  # one token per word, plus start and end
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode(prompt).pooled, encoder.encode(prompt).pooled, rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.encode(prompt).pooled, encoder.encode(prompt).pooled, rtol=0, atol=0
+        )
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path / "te")(prompt).input_ids == ids[0][mask[0].bool()].tolist()
@@ -104,7 +113,9 @@ def test_vae_training_reduces_the_loss() -> None:
 def test_clip_training_aligns_text_and_latents(tiny_run: Path) -> None:
     del tiny_run  # the recipe's own run covers the loop; here: the loss itself
     text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    assert contrastive_loss(text, text, torch.tensor(4.0)) < contrastive_loss(text, text.roll(1, 0), torch.tensor(4.0))
+    assert contrastive_loss(text, text, torch.tensor(4.0)) < contrastive_loss(
+        text, text.roll(1, 0), torch.tensor(4.0)
+    )
 
 
 def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> None:
@@ -116,7 +127,9 @@ def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> Non
     training = GANTrainingConfig(steps=6, batch_size=8, sample_every=0, checkpoint_every=3)
     state = make_state(GANGenerator(gan_config), training, size=32)
     latents = torch.randn(32, 4, 32, 32)
-    captions = ["a large red circle in the center on a blue background"] * 16 + ["a small green square at the top on a black background"] * 16
+    red = "a large red circle in the center on a blue background"
+    green = "a small green square at the top on a black background"
+    captions = [red] * 16 + [green] * 16
 
     def batches():
         rng = np.random.default_rng(0)
@@ -129,7 +142,9 @@ def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> Non
     train_gan(state, training, batches(), clip, out_dir=tmp_path, progress=False)
     assert state.step == 6
     changed = [k for k, v in state.generator.state_dict().items() if not torch.equal(v, before[k])]
-    assert changed and any(not torch.equal(v, ema_before[k]) for k, v in state.generator_ema.state_dict().items())
+    assert changed and any(
+        not torch.equal(v, ema_before[k]) for k, v in state.generator_ema.state_dict().items()
+    )
     # resume: a fresh state loads the step-6 checkpoint and equals the trained one
     fresh = make_state(GANGenerator(gan_config), training, size=32)
     fresh.load(tmp_path / "checkpoint")
@@ -185,14 +200,17 @@ def test_augment_shifts_by_at_most_one_pixel_and_keeps_shape() -> None:
 def test_gan_config_text_sizes_follow_the_text_encoder(tiny_run: Path) -> None:
     config = json.loads((tiny_run / "model" / "gan" / "config.json").read_text())
     assert config["text_dim"] == config["pooled_dim"] == ShapesRecipe.tiny().text.hidden_size
-    assert GANConfig.from_dict(config).sample_size == 32  # latents of the tiny VAE (factor 2) for 64 × 64 images
+    # latents of the tiny VAE (factor 2) for 64 × 64 images
+    assert GANConfig.from_dict(config).sample_size == 32
 
 
 def test_baseline_comparison_trains_and_evaluates_both_paths(tiny_run: Path) -> None:
     from txt2img.training.baseline import BaselineTrainingConfig
     from txt2img.training.recipe import compare_with_baseline
 
-    table = compare_with_baseline(tiny_run, num_images=8, baseline=BaselineTrainingConfig(steps=5, batch_size=8), progress=False)
+    table = compare_with_baseline(
+        tiny_run, num_images=8, baseline=BaselineTrainingConfig(steps=5, batch_size=8), progress=False
+    )
     assert "### GAN" in table and "### text-conditional VAE" in table and "all five" in table
     reports = json.loads((tiny_run / "comparison.json").read_text())
     assert len(reports) == 2

@@ -15,60 +15,60 @@ from txt2img.unet import UNetGenerator
 
 # Each configuration exercises different options of the Stable Diffusion 1.x / 2.x family.
 SMALL_CONFIGS: dict[str, dict[str, Any]] = {
-    "sd1-like": dict(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=24,
-        attention_head_dim=(2, 4),
-        norm_num_groups=8,
-        sample_size=16,
-    ),
-    "sd2-like, no mid block, only-cross-attention, upcast": dict(
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24,
-        attention_head_dim=(2, 4, 4),
-        use_linear_projection=True,
-        only_cross_attention=(True, False, False),
-        transformer_layers_per_block=(1, 2, 1),
-        upcast_attention=True,
-        mid_block_type=None,
-        norm_num_groups=8,
-        sample_size=8,
-    ),
-    "time-embedding options, scale-shift resnets": dict(
-        block_out_channels=(16, 32),
-        layers_per_block=(1, 2),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=(24, 24),
-        attention_head_dim=2,
-        resnet_time_scale_shift="scale_shift",
-        time_embedding_dim=48,
-        timestep_post_act="silu",
-        time_embedding_act_fn="silu",
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        mid_block_scale_factor=1.414,
-        conv_in_kernel=1,
-        conv_out_kernel=1,
-        norm_num_groups=8,
-        sample_size=8,
-    ),
+    "sd1-like": {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": 24,
+        "attention_head_dim": (2, 4),
+        "norm_num_groups": 8,
+        "sample_size": 16,
+    },
+    "sd2-like, no mid block, only-cross-attention, upcast": {
+        "block_out_channels": (16, 32, 32),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 24,
+        "attention_head_dim": (2, 4, 4),
+        "use_linear_projection": True,
+        "only_cross_attention": (True, False, False),
+        "transformer_layers_per_block": (1, 2, 1),
+        "upcast_attention": True,
+        "mid_block_type": None,
+        "norm_num_groups": 8,
+        "sample_size": 8,
+    },
+    "time-embedding options, scale-shift resnets": {
+        "block_out_channels": (16, 32),
+        "layers_per_block": (1, 2),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": (24, 24),
+        "attention_head_dim": 2,
+        "resnet_time_scale_shift": "scale_shift",
+        "time_embedding_dim": 48,
+        "timestep_post_act": "silu",
+        "time_embedding_act_fn": "silu",
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "mid_block_scale_factor": 1.414,
+        "conv_in_kernel": 1,
+        "conv_out_kernel": 1,
+        "norm_num_groups": 8,
+        "sample_size": 8,
+    },
 }
 
 # The real configurations (diffusers defaults plus these keys).
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-SD21_UNET = dict(  # SD 2.1-base and SD-Turbo
-    sample_size=64,
-    cross_attention_dim=1024,
-    attention_head_dim=(5, 10, 20, 20),
-    use_linear_projection=True,
-)
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
+SD21_UNET = {  # SD 2.1-base and SD-Turbo
+    "sample_size": 64,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,
+}
 
 
 @pytest.mark.parametrize("name", list(SMALL_CONFIGS))
