@@ -10,13 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+if sys.platform != "win32":
+    import fcntl
+
 import pytest
 import torch
 
 import txt2img.modeling
 from tiny import make_pipeline, make_vae
 from txt2img import Txt2ImgPipeline, VAEDecoder
-from txt2img.saving import REPLACED_PREFIX, STAGING_PREFIX
+from txt2img.saving import REPLACED_PREFIX, STAGING_PREFIX, remove_stale
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +224,76 @@ def test_a_save_killed_in_the_middle_leaves_the_old_model(pipe: Txt2ImgPipeline,
         child.wait()
     loaded = Txt2ImgPipeline.from_pretrained(target)  # the old model, untouched
     assert same_weights(loaded, pipe)
-    # A later save cleans nothing it does not own, and succeeds.
-    pipe.save_pretrained(target)
+    assert leftovers(target)  # the killed save's staging folder, holding the new model
+    pipe.save_pretrained(target)  # a later save succeeds, and removes what the killed one left
     assert same_weights(Txt2ImgPipeline.from_pretrained(target), pipe)
+    assert leftovers(target) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a killed save's folders are told apart by a flock")
+def test_a_later_save_removes_what_killed_saves_left_and_nothing_else(
+    pipe: Txt2ImgPipeline, other_pipe: Txt2ImgPipeline, tmp_path: Path
+) -> None:
+    target = tmp_path / "model"
+    pipe.save_pretrained(target)
+    killed = [  # as saves killed before their moves (inside and beside) and during them leave them
+        target / f"{STAGING_PREFIX}0123abcd",
+        tmp_path / f".model{STAGING_PREFIX}89abcdef",
+        target / f"{REPLACED_PREFIX}deadbeef",
+    ]
+    for folder in killed:
+        (folder / "vae").mkdir(parents=True)
+        (folder / "vae" / "config.json").write_text("{}")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    others = [
+        target / f"{STAGING_PREFIX}notes",  # not a name a save gives
+        target / f"{STAGING_PREFIX}0123abcd.txt",
+        tmp_path / f".other{STAGING_PREFIX}0123abcd",  # another folder's
+        target / "notes" / f"{STAGING_PREFIX}0123abcd",  # not where this save looks
+    ]
+    for folder in others:
+        folder.mkdir(parents=True)
+    link = target / f"{STAGING_PREFIX}0badf00d"
+    link.symlink_to(outside, target_is_directory=True)
+    running = target / f"{STAGING_PREFIX}00c0ffee"  # the folder of a save still running elsewhere
+    running.mkdir()
+    descriptor = os.open(running, os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as that save holds it
+    try:
+        other_pipe.save_pretrained(target)
+    finally:
+        os.close(descriptor)
+    assert [folder for folder in killed if folder.exists()] == []
+    assert all(folder.is_dir() for folder in [*others, running])
+    assert link.is_symlink() and (outside / "keep.txt").read_text() == "keep"
+    assert same_weights(Txt2ImgPipeline.from_pretrained(target), other_pipe)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a killed save's folders are told apart by a flock")
+@pytest.mark.parametrize("exists", [True, False], ids=["existing-folder", "new-folder"])
+def test_a_save_in_progress_is_not_taken_for_a_killed_one(
+    pipe: Txt2ImgPipeline,
+    other_pipe: Txt2ImgPipeline,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    exists: bool,
+) -> None:
+    target = tmp_path / "model"
+    if exists:
+        pipe.save_pretrained(target)
+    original = txt2img.modeling.save_state_dict
+    removed: list[Path] = []
+
+    def save(module: torch.nn.Module, path: Path) -> None:
+        original(module, path)
+        # Another save starting now, into the pipeline's folder or into this component's (stage/.vae.txt2img-...).
+        component = path.parent.parent / path.parent.name.split(STAGING_PREFIX)[0].lstrip(".")
+        removed.extend(remove_stale(target) + remove_stale(component))
+
+    monkeypatch.setattr(txt2img.modeling, "save_state_dict", save)
+    other_pipe.save_pretrained(target)
+    assert removed == []
+    assert same_weights(Txt2ImgPipeline.from_pretrained(target), other_pipe)
+    assert leftovers(target) == []

@@ -13,19 +13,33 @@ last:
 - A save that fails while writing (disk full, an exception, Ctrl-C) leaves the target as it was.
 - A process killed during the final renames (milliseconds) leaves a folder without its marker, which refuses to
   load with a clear error rather than loading a mix; the hidden ``.txt2img-*`` folders hold both versions.
+
+A save holds a lock on each hidden folder it makes (``flock``, which the kernel releases when the process dies,
+however it dies), so the next save into the same folder can tell the folders of a killed save from those of a
+save still running, and removes the former (``remove_stale``). Where there are no such locks (Windows, some
+network file systems) nothing is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+if sys.platform != "win32":
+    import fcntl
+
+logger = logging.getLogger(__name__)
+
 STAGING_PREFIX = ".txt2img-saving-"
 REPLACED_PREFIX = ".txt2img-replaced-"
+_TOKEN = "[0-9a-f]{8}"  # secrets.token_hex(4)
 
 
 @contextlib.contextmanager
@@ -42,12 +56,12 @@ def staged_folder(target: str | os.PathLike[str], marker: str) -> Iterator[Path]
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"Cannot save into {target}: it is a file, not a folder.")
+    remove_stale(target)
     if target.is_dir():
-        stage = target / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+        stage, lock = _hidden_folder(target, STAGING_PREFIX)
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
-        stage = target.parent / f".{target.name}{STAGING_PREFIX}{secrets.token_hex(4)}"
-    stage.mkdir()
+        stage, lock = _hidden_folder(target.parent, f".{target.name}{STAGING_PREFIX}")
     try:
         yield stage
         if target.is_dir():
@@ -58,6 +72,8 @@ def staged_folder(target: str | os.PathLike[str], marker: str) -> Iterator[Path]
             )  # atomic; fails (leaving no half folder) if the target appeared meanwhile
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 def _move_entries(stage: Path, target: Path, marker: str) -> None:
@@ -65,8 +81,7 @@ def _move_entries(stage: Path, target: Path, marker: str) -> None:
     names = sorted(p.name for p in stage.iterdir() if p.name != marker)
     if (stage / marker).exists():
         names.append(marker)
-    aside = target / f"{REPLACED_PREFIX}{secrets.token_hex(4)}"
-    aside.mkdir()
+    aside, lock = _hidden_folder(target, REPLACED_PREFIX)
     moved_aside: list[str] = []
     moved_in: list[str] = []
     try:
@@ -86,6 +101,87 @@ def _move_entries(stage: Path, target: Path, marker: str) -> None:
             os.replace(target / name, stage / name)
         for name in reversed(moved_aside):
             os.replace(aside / name, target / name)
-        shutil.rmtree(aside, ignore_errors=True)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folders left by killed saves
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Delete the hidden folders that killed saves left in and beside ``target``, and return them.
+
+    Only folders named as this module names them (``.txt2img-saving-*`` and ``.txt2img-replaced-*`` inside,
+    ``.NAME.txt2img-saving-*`` beside) and whose lock no running save holds; links, files and everything
+    else are left alone.
+    """
+    inside = re.compile(f"({re.escape(STAGING_PREFIX)}|{re.escape(REPLACED_PREFIX)}){_TOKEN}")
+    beside = re.compile(f"{re.escape(f'.{target.name}{STAGING_PREFIX}')}{_TOKEN}")
+    removed = []
+    for folder, pattern in ((target, inside), (target.parent, beside)):
+        try:
+            candidates = [p for p in folder.iterdir() if pattern.fullmatch(p.name)]
+        except OSError:  # not there (yet), or not readable
+            continue
+        for candidate in candidates:
+            try:
+                lock = _lock(candidate)
+            except OSError:  # a save still running holds it, it is gone, or it is a link or a file
+                continue
+            if lock is None:  # no locks here: a running save's folder cannot be told apart
+                continue
+            try:
+                shutil.rmtree(candidate, ignore_errors=True)
+            finally:
+                os.close(lock)
+            removed.append(candidate)
+    if removed:
+        logger.info("Removed what interrupted saves left: %s", ", ".join(str(p) for p in removed))
+    return removed
+
+
+def _hidden_folder(parent: Path, prefix: str) -> tuple[Path, int | None]:
+    """Make a new folder ``parent/PREFIX<random hex>`` and lock it; close the returned descriptor to unlock."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        folder.mkdir()
+        try:
+            lock = _lock(folder)
+        except (BlockingIOError, FileNotFoundError):  # another save's remove_stale took it before the lock
+            continue
+        if lock is None or _is_open_as(folder, lock):
+            return folder, lock
+        os.close(lock)  # removed by another save between the open and the lock
+
+
+def _lock(folder: Path) -> int | None:
+    """An open descriptor of the folder ``folder`` holding an exclusive ``flock``, released when it is closed or
+    the process ends; ``None`` where there are no such locks.
+
+    Raises:
+        BlockingIOError: another descriptor holds the lock.
+        OSError: ``folder`` is not a folder, is a link, or is gone.
+    """
+    if sys.platform == "win32":
+        return None
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise
+    except OSError:  # the file system has no flock (some network file systems)
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
+def _is_open_as(folder: Path, descriptor: int) -> bool:
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(folder, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
