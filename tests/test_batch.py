@@ -80,6 +80,27 @@ def test_image_seed_is_the_documented_hash() -> None:
     assert len(seeds) == 3 * 20 * 4 and all(0 <= s < SEED_LIMIT for s in seeds)
 
 
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("{not json", "Expecting property name"),
+        ('["a red circle"]', 'a non-empty "prompt" string'),
+        ('{"text": "a red circle"}', 'a non-empty "prompt" string'),
+        ('{"prompt": "  "}', 'a non-empty "prompt" string'),
+        ('{"prompt": 3}', 'a non-empty "prompt" string'),
+        ('{"prompt": "a", "seed": "1"}', '"seed" must be an integer'),
+        ('{"prompt": "a", "seed": true}', '"seed" must be an integer'),
+        ('{"prompt": "a", "num_images": 1.5}', '"num_images" must be an integer'),
+    ],
+)
+def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path: Path, line: str, match: str) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(f'{{"prompt": "fine"}}\n\n{line}\n')
+    with pytest.raises(ValueError, match=match) as info:
+        read_prompts(path)
+    assert str(info.value).startswith(f"{path}, line 3: ")
+
+
 def test_plan_orders_images_and_keeps_a_prompts_own_seed() -> None:
     jobs = plan_images(["a", PromptSpec("b", seed=100, num_images=3), "c"], num_images=2, seed=5)
     assert [(j.prompt_index, j.image_index) for j in jobs] == [

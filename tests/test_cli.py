@@ -82,7 +82,7 @@ def test_bad_size_is_an_error_not_a_traceback(saved_pipeline: Path, tmp_path: Pa
     assert "height=30 is not a multiple" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["a", "--num-images", "0"], ["  "]])
+@pytest.mark.parametrize("argv", [["a", "--num-images", "0"], [""], ["  "]])
 def test_bad_arguments_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)

@@ -7,6 +7,7 @@ every component's weights are. Peak memory is measured in subprocesses (VmHWM af
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -244,7 +245,9 @@ def test_auto_dtype_is_float32_on_the_cpu(saved_pipeline: Path) -> None:
 
 
 @torch.no_grad()
-def test_a_decoder_overflowing_in_half_precision_retries_in_float32(saved_pipeline: Path) -> None:
+def test_a_decoder_overflowing_in_half_precision_retries_in_float32(
+    saved_pipeline: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     pipe = Txt2ImgPipeline.from_pretrained(saved_pipeline)
     pipe.set_progress_bar_config(disable=True)
     # Weights within float16's range whose product is not: outputs beyond 65504, fine in float32.
@@ -256,7 +259,9 @@ def test_a_decoder_overflowing_in_half_precision_retries_in_float32(saved_pipeli
 
     pipe.vae.half()  # a decoder computing in float16 (as on a GPU)
     assert not torch.isfinite(pipe.vae(latents.half())).all()
-    decoded = pipe.decode_latents(latents)
+    with caplog.at_level(logging.WARNING, logger="txt2img"):
+        decoded = pipe.decode_latents(latents)
+    assert "The decoder overflowed in torch.float16; decoding again in float32" in caplog.text
     assert decoded.dtype == torch.float32
     assert ((decoded - reference).abs() / reference.abs().max()).max() < 1e-2  # float16-rounded weights
     assert pipe.vae.dtype == torch.float16  # the component itself was not changed

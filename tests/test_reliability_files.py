@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
+import pickle
 import shutil
 import struct
 import threading
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from txt2img import GANGenerator, TextEncoder, Txt2ImgPipeline, VAEDecoder
+from txt2img.unet import UNetConfig, UNetGenerator
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -62,6 +65,14 @@ def load_error(folder: Path) -> str:
     with pytest.raises((OSError, ValueError)) as info:
         Txt2ImgPipeline.from_pretrained(folder)
     return str(info.value)
+
+
+def image(folder: Path) -> np.ndarray:
+    pipe = Txt2ImgPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return np.asarray(
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np").images
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,6 +227,25 @@ def test_bad_configs_are_one_error_naming_the_file(copy: Path, file: str, change
     assert str(path.parent) in str(info.value)
 
 
+def test_unknown_config_keys_are_ignored_with_a_warning_naming_them(
+    copy: Path, saved_pipeline: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = copy / "gan" / "config.json"
+    edit_json(path, future_option=[1, 2], _saved_by="a later version")  # "_" keys are metadata: no warning
+    with caplog.at_level(logging.WARNING, logger="txt2img"):
+        result = image(copy)
+    (message,) = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert str(path) in message and "future_option" in message and "_saved_by" not in message
+    np.testing.assert_array_equal(result, image(saved_pipeline))
+
+
+def test_a_key_missing_from_config_json_takes_its_default(copy: Path, saved_pipeline: Path) -> None:
+    """Every config key has a default; where the default does not fit the weights, the load fails listing
+    the shape mismatches (test_bad_configs_are_one_error_naming_the_file, missing-key-default)."""
+    edit_json(copy / "gan" / "config.json", mapping_layers=...)  # the tiny generator's is the default, 2
+    np.testing.assert_array_equal(image(copy), image(saved_pipeline))
+
+
 @pytest.mark.parametrize("name", ["model_index.json", "gan/config.json"])
 def test_json_nested_too_deeply(copy: Path, name: str) -> None:
     (copy / name).write_text("[" * 100_000 + "]" * 100_000)
@@ -263,6 +293,33 @@ def test_a_tokenizer_folder_linking_out_is_refused(copy: Path, tmp_path: Path) -
     assert "tokenizer is a link leading out of the model folder" in load_error(copy)
 
 
+def test_a_scheduler_folder_linking_out_is_refused(tmp_path: Path) -> None:
+    """A UNet's sampler may come from the diffusers layout's scheduler/ folder beside it: inside the model only."""
+    config = UNetConfig(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        sample_size=8,
+    )
+    unet = UNetGenerator(config)
+    model = tmp_path / "model"
+    unet.save_pretrained(model / "unet")
+    outside = tmp_path / "elsewhere-scheduler"
+    outside.mkdir()
+    (model / "unet" / "scheduler_config.json").rename(outside / "scheduler_config.json")
+    (model / "scheduler").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OSError, match="scheduler is a link leading out of the model folder") as info:
+        GANGenerator.from_pretrained(model, subfolder="unet")
+    assert str(outside) in str(info.value)
+    (model / "scheduler").unlink()
+    shutil.copytree(outside, model / "scheduler")  # the same folder inside the model loads
+    assert GANGenerator.from_pretrained(model, subfolder="unet").scheduler == unet.scheduler
+
+
 @pytest.mark.parametrize(
     "shard", ["../gan/diffusion_pytorch_model.safetensors", "/etc/hostname", "sub/shard.safetensors"]
 )
@@ -276,6 +333,28 @@ def test_shard_index_naming_files_outside_is_refused(copy: Path, shard: str) -> 
 
 # ---------------------------------------------------------------------------------------------------------
 # No code from a model folder runs
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize(
+    "name", ["diffusion_pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "model.pkl"]
+)
+def test_pickle_weights_of_every_kind_are_refused_without_unpickling(
+    copy: Path, tmp_path: Path, name: str
+) -> None:
+    marker = tmp_path / "code-ran"
+    (copy / "vae" / WEIGHTS).unlink()
+    (copy / "vae" / name).write_bytes(pickle.dumps(RunsCodeWhenUnpickled(marker)))
+    message = load_error(copy)
+    assert f"only pickle weights ({name})" in message and str(copy / "vae") in message
+    assert not marker.exists()
 
 
 EVIL = """import pathlib

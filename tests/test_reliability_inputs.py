@@ -282,6 +282,13 @@ def test_latents_in_another_float_dtype_are_cast(pipe: Txt2ImgPipeline) -> None:
     np.testing.assert_array_equal(as_float32, as_float64)  # float64 → float32 is exact for float32 values
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU, for a device other than the CPU")
+def test_latents_on_another_device_are_moved(pipe: Txt2ImgPipeline) -> None:
+    latents = noise(pipe)
+    on_the_cpu = pipe("a", latents=latents, **SMALL).images
+    np.testing.assert_array_equal(pipe("a", latents=latents.cuda(), **SMALL).images, on_the_cpu)
+
+
 @pytest.fixture(scope="module")
 def embeds(pipe: Txt2ImgPipeline) -> PromptEmbeds:
     with torch.no_grad():
@@ -343,6 +350,11 @@ def test_prompt_embeds_of_the_wrong_shape_dtype_or_device(
     broken = dataclasses.replace(embeds, **{k: f(getattr(embeds, k)) for k, f in change.items()})
     with pytest.raises(error, match=match):
         pipe(prompt_embeds=broken, **SMALL)
+
+
+def test_prompt_and_prompt_embeds_together_are_refused(pipe: Txt2ImgPipeline, embeds: PromptEmbeds) -> None:
+    with pytest.raises(ValueError, match="Pass either prompt= or prompt_embeds=, exactly one of them"):
+        pipe(["a red circle", "a blue square"], prompt_embeds=embeds, **SMALL)
 
 
 def test_prompt_embeds_that_are_not_prompt_embeds(pipe: Txt2ImgPipeline, embeds: PromptEmbeds) -> None:
