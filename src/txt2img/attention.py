@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from txt2img.linear import Linear
+
 SliceSize = int | Literal["auto", "max"] | None
 
 AUTO_SLICE_BUDGET = 256 * 2**20
@@ -158,10 +160,10 @@ class Attention(nn.Module):
         self.heads = heads
         self.upcast = upcast
         self.slice_size: SliceSize = None
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.to_q = Linear(query_dim, inner, bias=bias)
+        self.to_k = Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner, query_dim)])
 
     def set_slice_size(self, slice_size: SliceSize) -> None:
         """Compute attention in chunks of queries, to bound the memory of backends that hold the scores.

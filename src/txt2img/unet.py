@@ -44,6 +44,7 @@ from txt2img import hub
 from txt2img.attention import Attention
 from txt2img.generation import GeneratorArg
 from txt2img.layers import Downsample, ResnetBlock, Upsample
+from txt2img.linear import Linear
 from txt2img.modeling import ModelConfig, ModelMixin
 from txt2img.schedulers import SchedulerConfig, make_schedule, scale_model_input, step
 from txt2img.text_encoder import PromptEmbeds
@@ -252,8 +253,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, dim: int, post_act: str | None) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
         self.post_act = post_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,7 +267,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.proj(x).chunk(2, dim=-1)
@@ -278,7 +279,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -331,7 +332,7 @@ class Transformer2D(nn.Module):
         super().__init__()
         self.linear = config.use_linear_projection
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_in = Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [
                 TransformerBlock(
@@ -344,7 +345,7 @@ class Transformer2D(nn.Module):
                 for _ in range(layers)
             ]
         )
-        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_out = Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
