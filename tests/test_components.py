@@ -288,3 +288,12 @@ def test_torch_dtype_is_accepted_with_a_warning_and_refused_with_dtype(tmp_path:
     assert next(gan.parameters()).dtype == torch.float16  # stored in float16 (computed in float32 on a CPU)
     with pytest.raises(ValueError, match="not both"):
         GANGenerator.from_pretrained(tmp_path / "gan", dtype=torch.float16, torch_dtype=torch.float16)
+
+
+def test_dropped_text_is_shown_as_written_with_unknown_words_and_no_special_tokens() -> None:
+    from txt2img.training.clip import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(["a", "red", "circle", "on", "blue"], max_length=6)
+    prompt = "A red circle on BLUE zebra-stripes, please"  # 4 words fit between BOS and EOS
+    _, _, dropped = tokenizer([prompt, "a red circle"])
+    assert dropped == ["BLUE zebra-stripes, please", ""]

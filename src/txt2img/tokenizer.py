@@ -27,6 +27,15 @@ LEGACY_FILES = ("vocab.json", "spiece.model", "vocab.txt", "sentencepiece.bpe.mo
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
+def _dropped_text(prompt: str, encoding: tokenizers.Encoding) -> str:
+    """The end of ``prompt`` that truncation cut off, as the user wrote it (decoding the overflowing ids
+    instead would show unknown words as the unknown token)."""
+    if not encoding.overflowing:
+        return ""
+    kept_end = max((end for _, end in encoding.offsets), default=0)  # added start/end/pad tokens: (0, 0)
+    return prompt[kept_end:].strip()
+
+
 def _token_text(value: Any) -> str | None:
     """A special token as ``tokenizer_config.json`` writes it: a string or ``{"content": ...}``."""
     if isinstance(value, dict):
@@ -80,10 +89,7 @@ class Tokenizer:
         encodings = self.backend.encode_batch(prompts)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
-        dropped = [
-            " ".join(self.backend.decode(o.ids, skip_special_tokens=True) for o in e.overflowing).strip()
-            for e in encodings
-        ]
+        dropped = [_dropped_text(prompt, e) for prompt, e in zip(prompts, encodings)]
         return ids, mask, dropped
 
     # -----------------------------------------------------------------------------------------------------
