@@ -74,7 +74,7 @@ def test_card_with_training_and_evaluation(pipe: Txt2ImgPipeline, tmp_path: Path
     assert "## Evaluation\n\n| attribute | seen |" in text
     (block,) = python_blocks(text)
     assert 'Txt2ImgPipeline.from_pretrained("org/shapes")' in block
-    assert "pipe(\"a small blue square, 'quoted'\"" in block
+    assert "pipe(\n    \"a small blue square, 'quoted'\",\n" in block
     assert "`txt2img 'a small blue square, '\"'\"'quoted'\"'\"'' --model org/shapes -o out.png`" in text
 
 

@@ -135,7 +135,10 @@ import torch
 from txt2img import {imports}
 
 pipe = Txt2ImgPipeline.from_pretrained({load})
-image = pipe({json.dumps(self.example_prompt)}, generator=torch.Generator().manual_seed(0)).images[0]
+image = pipe(
+    {json.dumps(self.example_prompt)},
+    generator=torch.Generator().manual_seed(0),
+).images[0]
 image.save("out.png")
 ```
 

@@ -40,10 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     shapes.add_argument("--tiny", action="store_true", help="a few steps on small networks (a smoke test)")
     shapes.add_argument("--quiet", action="store_true", help="no progress bars")
-    baseline = commands.add_parser("baseline", help="train the text-conditional VAE path on a finished run's data "
-                                   "and compare it with the run's GAN")
+    baseline = commands.add_parser(
+        "baseline",
+        help="train the text-conditional VAE path on a finished run's data and compare it with the run's GAN",
+    )
     baseline.add_argument("--run", required=True, help="the folder of a finished 'shapes' run")
-    baseline.add_argument("--num-images", type=int, default=600, help="evaluation images per split (default 600)")
+    baseline.add_argument(
+        "--num-images", type=int, default=600, help="evaluation images per split (default 600)"
+    )
     baseline.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 

@@ -21,7 +21,7 @@ from txt2img import distributed
 from txt2img.images import to_numpy, to_uint8, to_unit_range
 from txt2img.text_encoder import TextEncoder
 from txt2img.training.evaluate import Generate
-from txt2img.vae import VAEDecoder
+from txt2img.vae_tiling import DecodeTiling
 
 
 class TextToLatentGaussian(nn.Module):
@@ -37,7 +37,11 @@ class TextToLatentGaussian(nn.Module):
         stages = []
         side = 4
         while side < size:
-            stages += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
+            stages += [
+                nn.Upsample(scale_factor=2.0, mode="nearest"),
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.SiLU(),
+            ]
             side *= 2
         self.stages = nn.Sequential(*stages)
         self.out = nn.Conv2d(width, 2 * latent_channels, 3, padding=1)
@@ -80,7 +84,11 @@ def train_baseline(
     torch.manual_seed(distributed.rank_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr)
     run = distributed.data_parallel(model)  # a plain call in one process
-    bar = tqdm(range(training.steps), desc="baseline (text-conditional VAE)", disable=not progress or not distributed.is_main_process())
+    bar = tqdm(
+        range(training.steps),
+        desc="baseline (text-conditional VAE)",
+        disable=not progress or not distributed.is_main_process(),
+    )
     model.train()
     for _ in bar:
         latents, captions = next(batches)
@@ -94,13 +102,17 @@ def train_baseline(
     return model.eval()
 
 
-def baseline_generator(model: TextToLatentGaussian, text_encoder: TextEncoder, decoder: VAEDecoder) -> Generate:
+def baseline_generator(
+    model: TextToLatentGaussian, text_encoder: TextEncoder, decoder: DecodeTiling
+) -> Generate:
     """Adapt the baseline to the evaluation's ``generate(prompts, seeds)`` → uint8 (B, 64, 64, 3)."""
 
     @torch.inference_mode()
     def generate(prompts: list[str], seeds: list[int]) -> np.ndarray:
         mean, logvar = model(text_encoder.encode(prompts).pooled)
-        noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        noise = torch.cat(
+            [torch.randn((1, *mean.shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        )
         images = decoder.decode(mean + torch.exp(0.5 * logvar) * noise)
         return to_uint8(to_numpy(to_unit_range(images)))
 

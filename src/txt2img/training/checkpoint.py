@@ -70,7 +70,9 @@ def load_checkpoint(
     meta = json.loads((folder / "state.json").read_text())
     for name, module in modules.items():
         prefix = f"module.{name}."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+        module.load_state_dict(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True
+        )
     for name, optimizer in optimizers.items():
         prefix = f"optim.{name}."
         state: dict[int, dict[str, torch.Tensor]] = {}

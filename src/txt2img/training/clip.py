@@ -20,7 +20,12 @@ from txt2img.clip_text import CLIPTextConfig, CLIPTextModel
 from txt2img.text_encoder import TextEncoder, TextEncoderConfig
 from txt2img.tokenizer import Tokenizer
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")  # [EOS] must not get id 2: CLIP treats that id as legacy
+SPECIAL_TOKENS = (
+    "[PAD]",
+    "[UNK]",
+    "[BOS]",
+    "[EOS]",
+)  # [EOS] must not get id 2: CLIP treats that id as legacy
 
 
 def build_word_tokenizer(words: Iterable[str], max_length: int) -> Tokenizer:
@@ -38,8 +43,22 @@ def build_word_tokenizer(words: Iterable[str], max_length: int) -> Tokenizer:
     backend.post_processor = processors.TemplateProcessing(
         single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
     )
-    config = {"bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]", "model_max_length": max_length}
+    config = {
+        "bos_token": "[BOS]",
+        "eos_token": "[EOS]",
+        "pad_token": "[PAD]",
+        "unk_token": "[UNK]",
+        "model_max_length": max_length,
+    }
     return Tokenizer(backend, max_length, config)
+
+
+def vocab_id(tokenizer: Tokenizer, role: str) -> int:
+    """The id of the special token with ``role`` (``"pad_token"``…), which ``build_word_tokenizer`` always sets."""
+    token = tokenizer.token_id(role)
+    if token is None:
+        raise ValueError(f"The tokenizer has no {role}: build it with build_word_tokenizer.")
+    return token
 
 
 @dataclasses.dataclass
@@ -67,9 +86,9 @@ def build_text_encoder(words: Iterable[str], shape: TextEncoderShape, seed: int 
         num_attention_heads=shape.heads,
         num_hidden_layers=shape.layers,
         max_position_embeddings=shape.max_length,
-        pad_token_id=tokenizer.token_id("pad_token"),
-        bos_token_id=tokenizer.token_id("bos_token"),
-        eos_token_id=tokenizer.token_id("eos_token"),
+        pad_token_id=vocab_id(tokenizer, "pad_token"),
+        bos_token_id=vocab_id(tokenizer, "bos_token"),
+        eos_token_id=vocab_id(tokenizer, "eos_token"),
         hidden_act="gelu",
     )
     torch.manual_seed(seed)
@@ -101,7 +120,9 @@ class LatentImageEncoder(nn.Module):
 class LatentCLIP(nn.Module):
     """The text encoder's pooled vector and a latent-image encoder, projected into one space of ``dim``."""
 
-    def __init__(self, text_encoder: TextEncoder, latent_channels: int, latent_size: int = 16, dim: int = 128) -> None:
+    def __init__(
+        self, text_encoder: TextEncoder, latent_channels: int, latent_size: int = 16, dim: int = 128
+    ) -> None:
         super().__init__()
         self.text_encoder = text_encoder
         self.text_projection = nn.Linear(text_encoder.hidden_size, dim, bias=False)
@@ -122,7 +143,9 @@ def same_captions(captions: list[str]) -> torch.Tensor:
     return torch.tensor([[a == b for b in captions] for a in captions])
 
 
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_loss(
+    text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, same: torch.Tensor | None = None
+) -> torch.Tensor:
     """CLIP's symmetric InfoNCE over a batch of matching (text, image) unit vectors (B, D).
 
     ``same`` (B, B) marks pairs whose captions are identical: they are not counted as negatives.
@@ -145,6 +168,13 @@ class CLIPTrainingConfig:
     lr: float = 1e-3
 
 
+def clip_loss(clip: LatentCLIP, latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """The contrastive loss of one batch of (latents, captions) pairs; identical captions are not negatives."""
+    return contrastive_loss(
+        clip.embed_text(captions), clip.embed_latents(latents), clip.logit_scale, same_captions(captions)
+    )
+
+
 def train_latent_clip(
     clip: LatentCLIP,
     training: CLIPTrainingConfig,
@@ -164,12 +194,18 @@ def train_latent_clip(
     torch.manual_seed(distributed.rank_seed(seed))
     clip.train()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=training.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, training.steps, eta_min=training.lr * 0.1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, training.steps, eta_min=training.lr * 0.1
+    )
     run = distributed.data_parallel(clip)  # a plain call in one process
-    bar = tqdm(range(training.steps), desc="text encoder (CLIP)", disable=not progress or not distributed.is_main_process())
+    bar = tqdm(
+        range(training.steps),
+        desc="text encoder (CLIP)",
+        disable=not progress or not distributed.is_main_process(),
+    )
     for _ in bar:
         latents, captions = next(batches)
-        loss = run(lambda: contrastive_loss(clip.embed_text(captions), clip.embed_latents(latents), clip.logit_scale, same_captions(captions)))  # noqa: B023 - called at once, in this iteration
+        loss = run(clip_loss, clip, latents, captions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

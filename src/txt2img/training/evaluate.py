@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from txt2img.training.attributes import ATTRIBUTE_NAMES, parse_caption, read_att
 from txt2img.training.shapes import IMAGE_SIZE, canonical_caption, sample_spec
 
 if TYPE_CHECKING:
-    from txt2img.pipeline import Txt2ImgPipeline, Txt2ImgPipelineOutput
+    from txt2img.pipeline import Txt2ImgPipeline
 
 Generate = Callable[[list[str], list[int]], np.ndarray]  # (prompts, seeds) → uint8 (B, 64, 64, 3)
 ALL = "all five"
@@ -201,7 +201,7 @@ def pipeline_generator(pipe: Txt2ImgPipeline) -> Generate:
 
     def generate(prompts: list[str], seeds: list[int]) -> np.ndarray:
         output = pipe(prompts, generator=seeded_generators(seeds), output_type="np")
-        images = np.asarray(cast("Txt2ImgPipelineOutput", output).images)  # (B, H, W, 3) in [0, 1]
+        images = np.asarray(output.images)  # (B, H, W, 3) in [0, 1]
         return to_uint8(images)
 
     return generate

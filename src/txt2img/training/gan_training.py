@@ -92,10 +92,14 @@ class ProjectionDiscriminator(nn.Module):
     where things are as well as what they are.
     """
 
-    def __init__(self, latent_channels: int, text_dim: int, size: int, width: int = 64, features: int = 256) -> None:
+    def __init__(
+        self, latent_channels: int, text_dim: int, size: int, width: int = 64, features: int = 256
+    ) -> None:
         super().__init__()
         self.from_latent = nn.Conv2d(latent_channels, width, 1)
-        self.blocks = nn.Sequential(DiscriminatorBlock(width, width * 2), DiscriminatorBlock(width * 2, width * 4))
+        self.blocks = nn.Sequential(
+            DiscriminatorBlock(width, width * 2), DiscriminatorBlock(width * 2, width * 4)
+        )
         self.to_features = nn.Linear(width * 4 * (size // 4) ** 2, features)
         self.out = nn.Linear(features, 1)
         self.embed_text = nn.Linear(text_dim, features)
@@ -110,7 +114,9 @@ class ProjectionDiscriminator(nn.Module):
 # Losses and augmentation (pure functions)
 
 
-def d_hinge_loss(real: torch.Tensor, fake: torch.Tensor, mismatched: torch.Tensor, mismatch_weight: float) -> torch.Tensor:
+def d_hinge_loss(
+    real: torch.Tensor, fake: torch.Tensor, mismatched: torch.Tensor, mismatch_weight: float
+) -> torch.Tensor:
     """Hinge loss of the discriminator: reals above +1; fakes and mismatched reals below -1."""
     return F.relu(1 - real).mean() + F.relu(1 + fake).mean() + mismatch_weight * F.relu(1 + mismatched).mean()
 
@@ -126,7 +132,9 @@ def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     return grad.square().sum(dim=(1, 2, 3)).mean()
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, *, p: float, max_shift: int, noise: float) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, generator: torch.Generator, *, p: float, max_shift: int, noise: float
+) -> torch.Tensor:
     """Differentiable augmentation that keeps captions true: each sample shifted by up to ``max_shift``
     pixels with probability ``p`` (edges replicated), then Gaussian noise of std ``noise``. (B, C, H, W)."""
     b, _, h, w = x.shape
@@ -148,8 +156,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema ← decay · ema + (1 − decay) · model, for parameters and buffers."""
     for e, m in zip(ema.parameters(), model.parameters()):
         e.lerp_(m, 1.0 - decay)
-    for e, m in zip(ema.buffers(), model.buffers()):
-        e.copy_(m)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,20 +176,33 @@ class GANTrainingState:
     step: int = 0
 
     def save(self, folder: str | os.PathLike) -> None:
-        save_checkpoint(folder, modules=self._modules(), optimizers={"g": self.opt_g, "d": self.opt_d}, extra={"step": self.step})
+        save_checkpoint(
+            folder,
+            modules=self._modules(),
+            optimizers={"g": self.opt_g, "d": self.opt_d},
+            extra={"step": self.step},
+        )
 
     def load(self, folder: str | os.PathLike) -> None:
-        extra = load_checkpoint(folder, modules=self._modules(), optimizers={"g": self.opt_g, "d": self.opt_d})
+        extra = load_checkpoint(
+            folder, modules=self._modules(), optimizers={"g": self.opt_g, "d": self.opt_d}
+        )
         self.step = int(extra["step"])
 
     def _modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "generator_ema": self.generator_ema, "discriminator": self.discriminator}
+        return {
+            "generator": self.generator,
+            "generator_ema": self.generator_ema,
+            "discriminator": self.discriminator,
+        }
 
 
 def make_state(generator: GANGenerator, training: GANTrainingConfig, *, size: int) -> GANTrainingState:
     """Fresh networks and optimizers around ``generator`` (Adam, β = (0, 0.99), as StyleGAN2)."""
     config = generator.config
-    discriminator = ProjectionDiscriminator(config.latent_channels, config.pooled_dim, size, width=training.discriminator_width)
+    discriminator = ProjectionDiscriminator(
+        config.latent_channels, config.pooled_dim, size, width=training.discriminator_width
+    )
     return GANTrainingState(
         generator=generator.train(),
         generator_ema=copy.deepcopy(generator).eval().requires_grad_(False),
@@ -232,9 +253,17 @@ def train_gan(
     decay = 0.5 ** (training.batch_size / training.ema_half_life)
 
     def aug(x: torch.Tensor) -> torch.Tensor:
-        return augment(x, rng, p=training.augment_p, max_shift=training.augment_shift, noise=training.augment_noise)
+        return augment(
+            x, rng, p=training.augment_p, max_shift=training.augment_shift, noise=training.augment_noise
+        )
 
-    bar = tqdm(range(state.step, training.steps), desc="gan", disable=not progress, initial=state.step, total=training.steps)
+    bar = tqdm(
+        range(state.step, training.steps),
+        desc="gan",
+        disable=not progress,
+        initial=state.step,
+        total=training.steps,
+    )
     for step in bar:
         real, captions = next(batches)
         with torch.no_grad():
@@ -264,7 +293,9 @@ def train_gan(
         # Generator: fool the (updated) discriminator, and match the text under the frozen latent CLIP.
         d.requires_grad_(False)
         loss_adv = g_hinge_loss(d(aug(fake), text.pooled))
-        loss_clip = contrastive_loss(clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions))
+        loss_clip = contrastive_loss(
+            clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions)
+        )
         loss_g = loss_adv + training.clip_weight * loss_clip
         state.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -274,7 +305,12 @@ def train_gan(
         update_ema(state.generator_ema, g, decay)
         state.step = step + 1
         bar.set_postfix(d=f"{loss_d.item():.3f}", g=f"{loss_adv.item():.3f}", clip=f"{loss_clip.item():.3f}")
-        if out is not None and sample_fn is not None and training.sample_every and state.step % training.sample_every == 0:
+        if (
+            out is not None
+            and sample_fn is not None
+            and training.sample_every
+            and state.step % training.sample_every == 0
+        ):
             (out / "samples").mkdir(parents=True, exist_ok=True)
             sample_fn(state.generator_ema, out / "samples" / f"step-{state.step:06d}.png")
         if out is not None and training.checkpoint_every and state.step % training.checkpoint_every == 0:

@@ -87,7 +87,9 @@ class ShapesRecipe:
     eval_images: int = 600
     clip_batch_size: int = 256
     vae: VAEConfig = dataclasses.field(
-        default_factory=lambda: VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64)
+        default_factory=lambda: VAEConfig(
+            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64
+        )
     )
     text: TextEncoderShape = dataclasses.field(default_factory=TextEncoderShape)
     gan: GANConfig = dataclasses.field(
@@ -95,8 +97,12 @@ class ShapesRecipe:
             z_dim=64, w_dim=256, channels=(256, 128, 64, 32), attention=(True, True, False, False)
         )
     )
-    vae_training: VAETrainingConfig = dataclasses.field(default_factory=lambda: VAETrainingConfig(steps=3000, lr=1e-3))
-    clip_training: CLIPTrainingConfig = dataclasses.field(default_factory=lambda: CLIPTrainingConfig(steps=600))
+    vae_training: VAETrainingConfig = dataclasses.field(
+        default_factory=lambda: VAETrainingConfig(steps=3000, lr=1e-3)
+    )
+    clip_training: CLIPTrainingConfig = dataclasses.field(
+        default_factory=lambda: CLIPTrainingConfig(steps=600)
+    )
     gan_training: GANTrainingConfig = dataclasses.field(
         default_factory=lambda: GANTrainingConfig(steps=3500, discriminator_width=32)
     )
@@ -112,10 +118,18 @@ class ShapesRecipe:
             eval_images=16,
             vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=64),
             text=TextEncoderShape(hidden_size=32, layers=1, heads=2),
-            gan=GANConfig(z_dim=16, w_dim=32, channels=(32, 16, 16, 8), attention=(True, False, False, False), attention_heads=2),
+            gan=GANConfig(
+                z_dim=16,
+                w_dim=32,
+                channels=(32, 16, 16, 8),
+                attention=(True, False, False, False),
+                attention_heads=2,
+            ),
             vae_training=VAETrainingConfig(steps=20),
             clip_training=CLIPTrainingConfig(steps=20),
-            gan_training=GANTrainingConfig(steps=20, batch_size=16, sample_every=10, checkpoint_every=10, discriminator_width=16),
+            gan_training=GANTrainingConfig(
+                steps=20, batch_size=16, sample_every=10, checkpoint_every=10, discriminator_width=16
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,11 +162,16 @@ class LatentPool:
         """Random (latents, captions) batches; each caption is freshly varied around its image."""
         while True:
             index = rng.integers(len(self.specs), size=batch_size)
-            yield self.latents[torch.from_numpy(index)], [shapes.varied_caption(self.specs[i], rng) for i in index]
+            yield (
+                self.latents[torch.from_numpy(index)],
+                [shapes.varied_caption(self.specs[i], rng) for i in index],
+            )
 
 
 @torch.no_grad()
-def encode_pool(encoder: VAEEncoder, rng: np.random.Generator, size: int, batch_size: int = 256) -> LatentPool:
+def encode_pool(
+    encoder: VAEEncoder, rng: np.random.Generator, size: int, batch_size: int = 256
+) -> LatentPool:
     """Render ``size`` training images and encode them to scaled latents (posterior means)."""
     config = encoder.config
     latents, specs = [], []
@@ -220,7 +239,13 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         decoder = VAEDecoder.from_pretrained(out / "vae")
     else:
         rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 1]))
-        encoder, decoder = train_vae(recipe.vae, recipe.vae_training, image_batches(rng, recipe.vae_batch_size), seed=recipe.seed, progress=progress)
+        encoder, decoder = train_vae(
+            recipe.vae,
+            recipe.vae_training,
+            image_batches(rng, recipe.vae_batch_size),
+            seed=recipe.seed,
+            progress=progress,
+        )
         if main:
             encoder.save_pretrained(out / "vae_encoder")
             decoder.save_pretrained(out / "vae")
@@ -236,30 +261,52 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     text_encoder = build_text_encoder(vocabulary(), recipe.text, seed=recipe.seed)
     clip = LatentCLIP(text_encoder, recipe.vae.latent_channels, pool.latents.shape[-1])
     rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 3]))
-    clip = train_latent_clip(clip, recipe.clip_training, pool.batches(rng, recipe.clip_batch_size), seed=recipe.seed, progress=progress)
+    clip = train_latent_clip(
+        clip,
+        recipe.clip_training,
+        pool.batches(rng, recipe.clip_batch_size),
+        seed=recipe.seed,
+        progress=progress,
+    )
     timings["text_encoder"] = time.perf_counter() - start
 
     # 4. GAN
     start = time.perf_counter()
     gan_config = dataclasses.replace(
-        recipe.gan, latent_channels=recipe.vae.latent_channels, text_dim=recipe.text.hidden_size, pooled_dim=recipe.text.hidden_size
+        recipe.gan,
+        latent_channels=recipe.vae.latent_channels,
+        text_dim=recipe.text.hidden_size,
+        pooled_dim=recipe.text.hidden_size,
     )
     torch.manual_seed(recipe.seed)
     state = make_state(GANGenerator(gan_config), recipe.gan_training, size=pool.latents.shape[-1])
     if resume and (out / "checkpoint").is_dir():
         state.load(out / "checkpoint")
-    sample_noise = torch.randn(len(SAMPLE_PROMPTS) * 4, gan_config.z_dim, generator=torch.Generator().manual_seed(recipe.seed))
+    sample_noise = torch.randn(
+        len(SAMPLE_PROMPTS) * 4, gan_config.z_dim, generator=torch.Generator().manual_seed(recipe.seed)
+    )
 
     @torch.no_grad()
     def write_samples(generator: GANGenerator, path: Path) -> None:
         prompts = [p for p in SAMPLE_PROMPTS for _ in range(4)]
         latents = generator.generate(sample_noise, text_encoder.encode(prompts))
         images = to_uint8(to_numpy(to_unit_range(decoder.decode(latents))))
-        make_image_grid([Image.fromarray(image) for image in images], rows=len(images) // 8, cols=8).save(path)
+        make_image_grid([Image.fromarray(image) for image in images], rows=len(images) // 8, cols=8).save(
+            path
+        )
 
     rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 4]))
     batches = pool.batches(rng, recipe.gan_training.batch_size)
-    state = train_gan(state, recipe.gan_training, batches, clip, seed=recipe.seed, out_dir=out, sample_fn=write_samples, progress=progress)
+    state = train_gan(
+        state,
+        recipe.gan_training,
+        batches,
+        clip,
+        seed=recipe.seed,
+        out_dir=out,
+        sample_fn=write_samples,
+        progress=progress,
+    )
     timings["gan"] = time.perf_counter() - start
 
     # 5. Save, with a model card that says how the model was made and how well it follows prompts
@@ -272,7 +319,9 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     report = evaluate(pipeline_generator(pipe), num_images=recipe.eval_images, seed=recipe.seed)
     (out / "evaluation.json").write_text(json.dumps(report.to_dict(), indent=2))
     pipe.set_progress_bar_config(disable=False)
-    pipe.save_pretrained(out / "model", model_card=model_card(recipe, timings, report), overwrite_model_card=True)
+    pipe.save_pretrained(
+        out / "model", model_card=model_card(recipe, timings, report), overwrite_model_card=True
+    )
     return out / "model"
 
 
@@ -297,7 +346,9 @@ def compare_with_baseline(
     encoder = VAEEncoder.from_pretrained(out / "vae_encoder")
     pool = encode_pool(encoder, np.random.default_rng([seed, 2]), pool_size)
     torch.manual_seed(seed)
-    model = TextToLatentGaussian(pipe.text_encoder.hidden_size, encoder.config.latent_channels, pool.latents.shape[-1])
+    model = TextToLatentGaussian(
+        pipe.text_encoder.hidden_size, encoder.config.latent_channels, pool.latents.shape[-1]
+    )
     training = baseline or BaselineTrainingConfig()
     batches = pool.batches(np.random.default_rng(distributed.rank_entropy([seed, 5])), training.batch_size)
     model = train_baseline(model, pipe.text_encoder, training, batches, seed=seed, progress=progress)
@@ -305,7 +356,9 @@ def compare_with_baseline(
         return ""
     reports = {
         "GAN (txt2img GANGenerator)": evaluate(pipeline_generator(pipe), num_images=num_images, seed=seed),
-        "text-conditional VAE (baseline)": evaluate(baseline_generator(model, pipe.text_encoder, pipe.vae), num_images=num_images, seed=seed),
+        "text-conditional VAE (baseline)": evaluate(
+            baseline_generator(model, pipe.text_encoder, pipe.vae), num_images=num_images, seed=seed
+        ),
     }
     (out / "comparison.json").write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
     return "\n\n".join(f"### {name}\n\n{report.to_markdown()}" for name, report in reports.items())

@@ -36,11 +36,13 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
 
 
-def vae_loss(images: torch.Tensor, encoder: VAEEncoder, decoder: VAEDecoder, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def vae_loss(
+    images: torch.Tensor, encoder: VAEEncoder, decoder: VAEDecoder, kl_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction (L1 + L2 in [-1, 1] pixels) of a posterior sample, plus ``kl_weight`` × KL."""
     mean, logvar = encoder.encode(images)
     raw = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-    recon = decoder.decoder(decoder.post_quant_conv(raw))
+    recon = decoder._decode_raw(raw)
     rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
     kl = kl_divergence(mean, logvar)
     return rec + kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
@@ -63,11 +65,14 @@ def train_vae(
         ``(encoder, decoder)`` in eval mode, both with the fitted ``scaling_factor`` in their config.
     """
     torch.manual_seed(distributed.rank_seed(seed))
-    encoder = VAEEncoder(config).to(memory_format=torch.channels_last).train()
-    decoder = VAEDecoder(config).to(memory_format=torch.channels_last).train()
+    encoder, decoder = VAEEncoder(config).train(), VAEDecoder(config).train()
+    for model in (encoder, decoder):
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (torch's stubs lack it)
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, training.steps, eta_min=training.lr * 0.1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, training.steps, eta_min=training.lr * 0.1
+    )
     run = distributed.data_parallel(encoder, decoder)  # a plain call in one process
     bar = tqdm(range(training.steps), desc="vae", disable=not progress or not distributed.is_main_process())
     for _ in bar:
@@ -82,7 +87,9 @@ def train_vae(
     decoder.eval()
     with torch.no_grad():
         sample = torch.cat([encoder.encode(next(batches))[0] for _ in range(8)])
-    scaling_factor, shift_factor = distributed.broadcast_from_main([float(1.0 / sample.std()), float(sample.mean())])
+    scaling_factor, shift_factor = distributed.broadcast_from_main(
+        [float(1.0 / sample.std()), float(sample.mean())]
+    )
     fitted = dataclasses.replace(config, scaling_factor=scaling_factor, shift_factor=shift_factor)
     encoder.config = fitted
     decoder.config = fitted
