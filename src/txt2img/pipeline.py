@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from txt2img import checks, hub, logs, memory, precision, saving
+from txt2img import allocator, checks, hub, logs, memory, precision, saving
 from txt2img.attention import SliceSize, set_attention_slicing
 from txt2img.gan import GANGenerator
 from txt2img.generation import GeneratorArg, draw_noise, reproducible_seeds
@@ -502,6 +502,7 @@ class Txt2ImgPipeline:
         latent_height, latent_width = height // self.vae.scale_factor, width // self.vae.scale_factor
         with (
             self._call_lock(),
+            allocator.reuse_freed_memory(self.device.type == "cpu"),  # no fresh pages for every activation
             logs.progress_bar(3, desc="txt2img", leave=False, **self._progress_bar_config) as progress,
         ):
             # 2. Encode the prompt

@@ -7,28 +7,7 @@ Also under ``torchrun --nproc_per_node N -m txt2img.training shapes --out DIR``:
 from __future__ import annotations
 
 import argparse
-import ctypes
-import sys
 import time
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse instead of handing it back to the system at once.
-
-    By default every freed block of more than a few MB goes back to the system, so a training step, which
-    frees and allocates the same activation buffers again and again, pays for fresh zeroed pages each time
-    (measured: about 10% of a GAN step on 2 CPU cores). Linux with glibc only; elsewhere nothing happens.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest: blocks up to 32 MB come from the heap
-    libc.mallopt(m_trim_threshold, 2**31)  # free memory at the heap's top is kept up to 2 GB
-    libc.mallopt(m_top_pad, 512 * 2**20)  # and the heap grows 512 MB at a time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from txt2img import distributed
+    from txt2img import allocator, distributed
     from txt2img.training.recipe import ShapesRecipe, compare_with_baseline, run
 
     # The recipe trains on CPUs: gloo carries its gradients (one process alone joins no group).
@@ -63,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             if main:
                 print(table)
             return 0
-        keep_freed_memory()
         recipe = ShapesRecipe.tiny(args.seed) if args.tiny else ShapesRecipe(seed=args.seed)
         start = time.perf_counter()
-        model = run(recipe, args.out, progress=progress, resume=args.resume)
+        with allocator.reuse_freed_memory():  # every step frees and allocates the same buffers: about 10%
+            model = run(recipe, args.out, progress=progress, resume=args.resume)
         if main:
             print(f"wrote {model} in {time.perf_counter() - start:.0f} s")
     return 0

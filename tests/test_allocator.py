@@ -1,0 +1,126 @@
+"""Reusing freed memory within CPU calls: one period per set of overlapping calls, switchable, memory returned."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import make_pipeline
+from txt2img import allocator
+
+
+class FakeLibc:
+    """Records the glibc calls the allocator makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append(("mallopt", parameter))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.fixture
+def libc(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLibc]:
+    fake = FakeLibc()
+    monkeypatch.setattr(allocator, "_LIBC", fake)
+    monkeypatch.delenv("TXT2IMG_REUSE_FREED_MEMORY", raising=False)
+    yield fake
+    allocator.set_memory_reuse(None)
+
+
+KEEP = [("mallopt", allocator.M_MMAP_MAX), ("mallopt", allocator.M_TRIM_THRESHOLD)]
+RELEASE = [
+    ("mallopt", allocator.M_MMAP_MAX),
+    ("mallopt", allocator.M_MMAP_THRESHOLD),
+    ("mallopt", allocator.M_TRIM_THRESHOLD),
+    ("malloc_trim", 0),
+]
+
+
+def test_nested_periods_keep_once_and_release_once(libc: FakeLibc) -> None:
+    with allocator.reuse_freed_memory():
+        assert libc.calls == KEEP
+        with allocator.reuse_freed_memory():
+            assert libc.calls == KEEP
+        assert libc.calls == KEEP  # the outer period still runs
+    assert libc.calls == KEEP + RELEASE
+
+
+def test_memory_is_released_after_an_error(libc: FakeLibc) -> None:
+    with pytest.raises(RuntimeError), allocator.reuse_freed_memory():
+        raise RuntimeError("a failed call")
+    assert libc.calls == KEEP + RELEASE
+    with allocator.reuse_freed_memory():  # and the next period starts afresh
+        pass
+    assert libc.calls == (KEEP + RELEASE) * 2
+
+
+def test_switches(libc: FakeLibc, monkeypatch: pytest.MonkeyPatch) -> None:
+    with allocator.reuse_freed_memory(enabled=False):  # e.g. a call on a GPU
+        pass
+    allocator.set_memory_reuse(False)
+    with allocator.reuse_freed_memory():
+        pass
+    allocator.set_memory_reuse(None)
+    monkeypatch.setenv("TXT2IMG_REUSE_FREED_MEMORY", "0")
+    assert not allocator.memory_reuse_enabled()
+    with allocator.reuse_freed_memory():
+        pass
+    assert libc.calls == []
+    monkeypatch.setenv("TXT2IMG_REUSE_FREED_MEMORY", "1")
+    assert allocator.memory_reuse_enabled()
+
+
+def test_overlapping_calls_in_threads_share_one_period(libc: FakeLibc) -> None:
+    inside, leave = threading.Barrier(4), threading.Event()
+
+    def call() -> None:
+        with allocator.reuse_freed_memory():
+            inside.wait()
+            leave.wait()
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    inside.wait()  # all three are inside
+    assert libc.calls == KEEP
+    leave.set()
+    for thread in threads:
+        thread.join()
+    assert libc.calls == KEEP + RELEASE
+
+
+def test_a_cpu_pipeline_call_runs_in_a_period(libc: FakeLibc, tmp_path: Path) -> None:
+    pipe = make_pipeline(tmp_path)
+    pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np")
+    assert libc.calls == KEEP + RELEASE
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(allocator._LIBC is None, reason="needs Linux with glibc")
+def test_freed_memory_is_reused_within_and_returned_after() -> None:
+    """With the real glibc: a freed 256 MB block is reused by the next one, and given back at the end."""
+    size = 64 * 2**20  # floats: 256 MB
+    before = resident_bytes()
+    with allocator.reuse_freed_memory():
+        first = torch.ones(size)
+        address = first.data_ptr()
+        del first
+        second = torch.ones(size)
+        assert second.data_ptr() == address  # the same memory, not fresh pages
+        del second
+        assert resident_bytes() - before > 200 * 2**20  # kept while the period runs
+    assert resident_bytes() - before < 64 * 2**20  # returned when it ends

@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end on tiny configurations and print their tables (no timings checked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    env = {**os.environ, "TXT2IMG_DISABLE_PROGRESS_BAR": "1"}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_compare_diffusers_tiny_prints_every_table() -> None:
+    out = run_script("compare_diffusers.py", "--tiny")
+    for title in (
+        "### End to end",
+        "### Embedded default model",
+        "### Peak float32",
+        "### txt2img components",
+    ):
+        assert title in out
+    assert "| SD VAE | 64² | 1 |" in out and "| TAESD | 64² | 1 |" in out
+    assert "| 64² | UNet |" in out and "| 64² | VAE decoder |" in out
+
+
+def test_cpu_switches_tiny_prints_its_table() -> None:
+    out = run_script("cpu_switches.py", "--tiny", "--size", "64", "--runs", "1")
+    assert "| switch | timed | off | on | on / off |" in out
+    assert "| linear layers as oneDNN convolutions | UNet |" in out
+    assert "| freed memory reused within a call | end to end |" in out
