@@ -82,6 +82,21 @@ def test_bad_size_is_an_error_not_a_traceback(saved_pipeline: Path, tmp_path: Pa
     assert "height=30 is not a multiple" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--device", "gpu"], "device='gpu' is not a device name: use 'cpu', 'cuda'"),
+        (["--dtype", "float64"], "dtype='float64' is not supported: use 'float32'"),
+    ],
+)
+def test_bad_device_or_dtype_is_an_error_not_a_traceback(
+    saved_pipeline: Path, tmp_path: Path, capsys, option: list[str], message: str
+) -> None:
+    code = main(["a", "--model", str(saved_pipeline), *option, "-o", str(tmp_path / "x.png"), "--quiet"])
+    assert code == 1
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["a", "--num-images", "0"], [""], ["  "]])
 def test_bad_arguments_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:

@@ -236,7 +236,8 @@ def generate_batch(
         num_images: Images per prompt, unless a prompt says otherwise.
         batch_size: Images per pipeline call.
         seed: The run's seed (:func:`image_seed`).
-        height, width: Image size in pixels; default the model's.
+        height: Image height in pixels; default the model's.
+        width: Image width in pixels; default the model's.
         num_inference_steps: Generator passes.
         truncation_psi: Below 1, less variety.
         progress: A progress bar on rank 0, with images/s.

@@ -72,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator passes: 1 (default); 2-4 refine with one-step UNet models such as stabilityai/sd-turbo",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
-    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 or auto (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, float16, bfloat16 or auto (default: auto: float32 on CPUs, bfloat16 or float16 on GPUs)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and saved")
     return parser
@@ -231,7 +235,11 @@ def build_batch_parser() -> argparse.ArgumentParser:
         default=None,
         help="cpu (default), cuda (under torchrun: each process its own GPU, cuda:LOCAL_RANK), cuda:1, mps",
     )
-    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 or auto (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, float16, bfloat16 or auto (default: auto: float32 on CPUs, bfloat16 or float16 on GPUs)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and done")
     return parser

@@ -281,7 +281,8 @@ class GANGenerator(ModelMixin):
         Args:
             noise: (B, z_dim) standard normal noise, from ``noise_shape``.
             embeds: The encoded prompts.
-            height, width: Latent size; default ``sample_size``.
+            height: Latent height; default ``sample_size``.
+            width: Latent width; default ``sample_size``.
             num_inference_steps: Must be 1: the GAN generator has a single pass.
             truncation_psi: See :meth:`forward`.
             generator: Unused (the GAN draws no noise after ``noise``).

@@ -91,7 +91,7 @@ def resolve_dtype(
 def auto_dtype(device: torch.device | str | None) -> torch.dtype:
     """The dtype ``"auto"`` picks for ``device``: bfloat16 on CUDA GPUs that support it (its float32 range
     avoids the overflows of float16 VAEs), else float16; float16 on MPS; float32 on CPUs."""
-    kind = torch.device(device).type if device is not None else "cpu"
+    kind = resolve_device(device).type  # a clear error for a name that is not a device
     if kind == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if kind == "mps":

@@ -583,7 +583,8 @@ class UNetGenerator(ModelMixin):
             noise: (B, in_channels, h, w) standard normal noise, from ``noise_shape``.
             embeds: The encoded prompts (their token features; the UNet attends to every token, as diffusers'
                 Stable Diffusion pipeline does).
-            height, width: Unused (the noise sets the size); accepted for the generator interface.
+            height: Unused (the noise sets the size); accepted for the generator interface.
+            width: Unused, likewise.
             num_inference_steps: UNet passes; 2–4 re-noise and refine.
             truncation_psi: Must be 1 (truncation belongs to the native GAN generator).
             generator: Draws the fresh noise of multi-step samplers (same generator as for ``noise``).

@@ -78,7 +78,9 @@ class ShapesRecipe:
         vae: Shape of the autoencoder.
         text: Shape of the text encoder.
         gan: Shape of the generator (its text sizes follow ``text``).
-        vae_training, clip_training, gan_training: Each stage's optimisation settings.
+        vae_training: The autoencoder's optimisation settings.
+        clip_training: The text encoder's optimisation settings.
+        gan_training: The generator's optimisation settings.
     """
 
     seed: int = 0
