@@ -6,7 +6,7 @@ one process, with the SD VAE and with TAESD; the embedded default model; this ma
 txt2img component, FLOPs per image, time, FLOP/s and the fraction of that peak. The pipelines are built once
 and cached under the temp dir. The table in docs/speed.md comes from:
 
-    python benchmarks/compare_diffusers.py --sizes 256,512 --batches 1,4 --runs 5
+    python benchmarks/compare_diffusers.py --sizes 256,512 --batches 1,4 --runs 3
 
 Smoke run (tiny configurations, 64 × 64, one run): ``python benchmarks/compare_diffusers.py --tiny``.
 """

@@ -99,9 +99,16 @@ def test_overlapping_calls_in_threads_share_one_period(libc: FakeLibc) -> None:
     assert libc.calls == KEEP + RELEASE
 
 
-def test_a_cpu_pipeline_call_runs_in_a_period(libc: FakeLibc, tmp_path: Path) -> None:
+def test_a_large_cpu_pipeline_call_runs_in_a_period(
+    libc: FakeLibc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pipe = make_pipeline(tmp_path)
-    pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np")
+    pixels = 2 * pipe.default_size**2  # two images
+    monkeypatch.setattr(allocator, "MIN_PIXELS", pixels + 1)
+    pipe(["a red circle", "a blue square"], output_type="np")
+    assert libc.calls == []  # too small to be worth it
+    monkeypatch.setattr(allocator, "MIN_PIXELS", pixels)
+    pipe(["a red circle", "a blue square"], output_type="np")
     assert libc.calls == KEEP + RELEASE
 
 

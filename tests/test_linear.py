@@ -53,19 +53,21 @@ def spy_on_conv(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_linear_takes_the_convolution_only_for_float32_inference_on_enough_rows(
+def test_linear_takes_the_convolution_only_for_large_float32_inference(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = spy_on_conv(monkeypatch)
     set_cpu_linear_backend("onednn")
-    layer = Linear(16, 8)
-    many, few = torch.randn(1, MIN_ROWS, 16), torch.randn(1, MIN_ROWS - 1, 16)
+    layer = Linear(256, 512)  # MIN_ROWS rows of it: MIN_MACS multiply-adds
+    many, few = torch.randn(1, MIN_ROWS, 256), torch.randn(1, MIN_ROWS - 1, 256)
     with torch.inference_mode():
         out = layer(many)
         assert calls == [MIN_ROWS]
         assert relative_error(out, F.linear(many, layer.weight, layer.bias)) < 1e-5
         assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))  # too few rows
-        wide = Linear(16, 8).double()  # float64: not the convolution's dtype
+        small, rows = Linear(16, 8), torch.randn(1024, 16)  # many rows, but a small product
+        assert torch.equal(small(rows), F.linear(rows, small.weight, small.bias))
+        wide = Linear(256, 512).double()  # float64: not the convolution's dtype
         assert torch.equal(wide(many.double()), F.linear(many.double(), wide.weight, wide.bias))
     out = layer(many)  # autograd on: training always uses F.linear
     assert torch.equal(out, F.linear(many, layer.weight, layer.bias))

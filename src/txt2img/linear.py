@@ -33,6 +33,11 @@ MIN_ROWS = 32
 """Rows (tokens × batch) from which the convolution path is used: below it the weight reorder oneDNN does on
 every call costs as much as it saves (measured equal at 16 rows of a 1280 × 1280 layer, 1.4× faster at 64)."""
 
+MIN_MACS = 2**22
+"""Multiply-adds (rows × in × out features) from which the convolution path is considered: smaller products
+take well under a millisecond either way, and never start the ``"auto"`` probe (which costs about 0.1 s once,
+more than the embedded model's whole generation)."""
+
 AUTO_MARGIN = 1.15
 """How much faster oneDNN must be in the ``"auto"`` probe to be chosen, so that machines where the two are
 close keep one stable choice."""
@@ -109,13 +114,14 @@ def conv1x1_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], m)  # (..., M)
 
 
-def _use_conv(x: torch.Tensor) -> bool:
+def _use_conv(x: torch.Tensor, out_features: int) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_grad_enabled()
         and x.dim() >= 2
         and x.numel() >= MIN_ROWS * x.shape[-1]
+        and x.numel() * out_features >= MIN_MACS
         and cpu_linear_backend() == "onednn"
     )
 
@@ -125,6 +131,6 @@ class Linear(nn.Linear):
     faster: see the module docstring. (…, in_features) → (…, out_features)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_conv(x) and self.weight.dtype == torch.float32:
+        if _use_conv(x, self.out_features) and self.weight.dtype == torch.float32:
             return conv1x1_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -486,7 +486,7 @@ class Txt2ImgPipeline:
                 than :meth:`set_memory_limit` allows), refused before it starts.
         """
         # 1. Check inputs (and refuse a call that would exhaust memory)
-        height, width, _ = self.check_inputs(
+        height, width, batch = self.check_inputs(
             prompt,
             prompt_embeds,
             num_images_per_prompt,
@@ -502,7 +502,9 @@ class Txt2ImgPipeline:
         latent_height, latent_width = height // self.vae.scale_factor, width // self.vae.scale_factor
         with (
             self._call_lock(),
-            allocator.reuse_freed_memory(self.device.type == "cpu"),  # no fresh pages for every activation
+            allocator.reuse_freed_memory(  # no fresh pages for every large activation
+                self.device.type == "cpu" and batch * height * width >= allocator.MIN_PIXELS
+            ),
             logs.progress_bar(3, desc="txt2img", leave=False, **self._progress_bar_config) as progress,
         ):
             # 2. Encode the prompt
