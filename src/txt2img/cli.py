@@ -33,6 +33,15 @@ EMBEDDED_MODEL_MISSING = (
 BATCH_COMMAND = "batch"
 
 
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``, the same for generating and for batch runs."""
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, float16, bfloat16 or auto (default: auto: float32 on CPUs, bfloat16 or float16 on GPUs)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="txt2img",
@@ -72,11 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator passes: 1 (default); 2-4 refine with one-step UNet models such as stabilityai/sd-turbo",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        help="float32, float16, bfloat16 or auto (default: auto: float32 on CPUs, bfloat16 or float16 on GPUs)",
-    )
+    add_dtype_option(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and saved")
     return parser
@@ -235,11 +240,7 @@ def build_batch_parser() -> argparse.ArgumentParser:
         default=None,
         help="cpu (default), cuda (under torchrun: each process its own GPU, cuda:LOCAL_RANK), cuda:1, mps",
     )
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        help="float32, float16, bfloat16 or auto (default: auto: float32 on CPUs, bfloat16 or float16 on GPUs)",
-    )
+    add_dtype_option(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and done")
     return parser

@@ -114,14 +114,14 @@ def conv1x1_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], m)  # (..., M)
 
 
-def _use_conv(x: torch.Tensor, out_features: int) -> bool:
+def _use_conv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype == weight.dtype == torch.float32
         and not torch.is_grad_enabled()
         and x.dim() >= 2
         and x.numel() >= MIN_ROWS * x.shape[-1]
-        and x.numel() * out_features >= MIN_MACS
+        and x.numel() * weight.shape[0] >= MIN_MACS
         and cpu_linear_backend() == "onednn"
     )
 
@@ -131,6 +131,6 @@ class Linear(nn.Linear):
     faster: see the module docstring. (…, in_features) → (…, out_features)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_conv(x, self.out_features) and self.weight.dtype == torch.float32:
+        if _use_conv(x, self.weight):
             return conv1x1_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -626,11 +626,11 @@ class Txt2ImgPipeline:
         generator: GeneratorArg,
         latents: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The generator's input noise: ``latents`` if given (checked), else drawn from ``generator``."""
+        """The generator's input noise: ``latents`` if given, else drawn from ``generator`` (both already
+        checked by ``check_inputs``)."""
         shape = self.gan.noise_shape(batch_size, latent_height, latent_width)
         if latents is not None:
-            return checks.latents(latents, shape).to(self.device, self.dtype)
-        checks.generators(generator, batch_size)
+            return latents.to(self.device, self.dtype)
         return draw_noise(shape, generator, device=self.device, dtype=self.dtype)
 
     def generate_latents(

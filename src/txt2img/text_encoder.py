@@ -27,7 +27,7 @@ from torch import nn
 
 from txt2img import hub, offload, precision, saving
 from txt2img.clip_text import CLIPTextModel
-from txt2img.modeling import CONFIG_NAME, ModelConfig, read_config_json, weight_files
+from txt2img.modeling import CONFIG_NAME, ModelConfig, read_config_json, read_json, weight_files
 from txt2img.placement import place, resolve_device, resolve_dtype
 from txt2img.tokenizer import Tokenizer
 
@@ -271,7 +271,7 @@ class TextEncoder(nn.Module):
         with saving.staged_folder(save_directory, marker=CONFIG_NAME) as folder:
             self.model.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
-            config = json.loads((folder / CONFIG_NAME).read_text())
+            config = read_json(folder / CONFIG_NAME)
             config["txt2img"] = {"_class_name": "TextEncoder", **self.config.to_dict()}
             (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
