@@ -24,6 +24,7 @@ from txt2img.training.shapes import (
     sample_batch,
     sample_spec,
     spec_from_attributes,
+    swap_shape,
     varied_caption,
 )
 
@@ -181,6 +182,29 @@ def test_varied_captions_use_an_where_english_wants_it() -> None:
     assert any(c.startswith("an orange circle") for c in captions)
     assert any("on an orange background" in c for c in captions)
     assert not any("a orange circle" in c for c in captions)
+
+
+def test_swap_shape_changes_only_the_shape_and_never_makes_a_held_out_pair(training_specs) -> None:
+    rng = np.random.default_rng(0)
+    swapped_to: dict[tuple[str, str], set[str]] = {}
+    for s in training_specs[:2000]:
+        caption = varied_caption(s, rng)
+        negative = swap_shape(caption, rng)
+        named, negative_named = parse_caption(caption), parse_caption(negative)
+        assert negative_named["shape"] != s.shape, (caption, negative)
+        assert {k: v for k, v in negative_named.items() if k != "shape"} == {
+            k: v for k, v in named.items() if k != "shape"
+        }
+        assert (s.color, negative_named["shape"]) not in HELD_OUT
+        swapped_to.setdefault((s.color, s.shape), set()).add(negative_named["shape"])
+    # both other shapes are drawn wherever neither makes a held-out pair
+    assert swapped_to[("red", "circle")] == {"square", "triangle"}
+    assert swapped_to[("green", "circle")] == {"triangle"}  # green square is held out
+
+
+def test_swap_shape_needs_a_shape_word() -> None:
+    with pytest.raises(ValueError, match="names none of the shapes"):
+        swap_shape("a large red blob on a blue background", np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------------------------------------------------

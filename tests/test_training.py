@@ -202,6 +202,34 @@ def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> Non
     assert fresh.step == 8
 
 
+def test_gan_hard_negatives_come_from_negative_captions(tmp_path: Path) -> None:
+    recipe = ShapesRecipe.tiny()
+    encoder = build_text_encoder(vocabulary(), recipe.text)
+    clip = LatentCLIP(encoder, 4, 32).eval().requires_grad_(False)
+    gan_config = dataclasses.replace(recipe.gan, text_dim=32, pooled_dim=32)
+    training = GANTrainingConfig(
+        steps=2, batch_size=8, sample_every=0, checkpoint_every=0, hard_negative_fraction=0.5
+    )
+    caption = "a large red circle in the center on a blue background"
+
+    def batches():
+        while True:
+            yield torch.randn(8, 4, 32, 32), [caption] * 8
+
+    state = make_state(GANGenerator(gan_config), training, size=32)
+    with pytest.raises(ValueError, match="no negative_captions function"):
+        train_gan(state, training, batches(), clip, progress=False)
+    asked: list[list[str]] = []
+
+    def negatives(captions: list[str]) -> list[str]:
+        asked.append(captions)
+        return [c.replace("circle", "square") for c in captions]
+
+    train_gan(state, training, batches(), clip, negative_captions=negatives, progress=False)
+    assert state.step == 2
+    assert asked == [[caption] * 4] * 2  # half of each batch of 8, every step
+
+
 def test_checkpoint_round_trip_and_missing_folder(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters())

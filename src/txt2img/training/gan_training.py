@@ -40,6 +40,8 @@ class GANTrainingConfig:
     r1_gamma: Weight γ of the R1 penalty γ/2 ‖∇D(x)‖².
     r1_every: Apply R1 every this many steps (scaled up to match).
     mismatch_weight: Weight of real images with mismatched captions as fakes.
+    hard_negative_fraction: Share of those mismatched captions made by ``train_gan``'s ``negative_captions``
+        (for example the caption with one word changed) instead of another image's caption.
     clip_weight: Weight of the generator's text–latent contrastive loss.
     ema_half_life: EMA half-life in images.
     augment_p: Probability of shifting each sample (reals and fakes alike).
@@ -57,6 +59,7 @@ class GANTrainingConfig:
     r1_gamma: float = 0.1
     r1_every: int = 4
     mismatch_weight: float = 1.0
+    hard_negative_fraction: float = 0.0
     clip_weight: float = 1.0
     ema_half_life: float = 10_000.0
     augment_p: float = 0.5
@@ -221,6 +224,7 @@ def train_gan(
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     sample_fn: Callable[[GANGenerator, Path], None] | None = None,
+    negative_captions: Callable[[list[str]], list[str]] | None = None,
     progress: bool = True,
 ) -> GANTrainingState:
     """Train until ``training.steps``, resuming from ``state.step``.
@@ -238,11 +242,19 @@ def train_gan(
             by ``distributed.rank_seed`` on ranks other than 0).
         out_dir: Where checkpoints (``checkpoint/``) and sample grids (``samples/``) go.
         sample_fn: Writes a sample grid for the EMA generator into the given PNG path.
+        negative_captions: Captions that must not match their images, one per caption given; required when
+            ``training.hard_negative_fraction`` > 0 (the recipe's: ``shapes.swap_shape``).
         progress: Show a tqdm bar with the running losses.
 
     Returns:
         ``state``, trained.
     """
+    if training.hard_negative_fraction > 0 and negative_captions is None:
+        raise ValueError(
+            f"GANTrainingConfig.hard_negative_fraction is {training.hard_negative_fraction}, but train_gan got "
+            "no negative_captions function to make the hard negatives: pass one, or set the fraction to 0."
+        )
+    hard_count = round(training.batch_size * training.hard_negative_fraction)
     torch.manual_seed(distributed.rank_seed(seed) + state.step)
     rng = torch.Generator().manual_seed(distributed.rank_seed(seed) + 1 + state.step)
     out = Path(out_dir) if out_dir is not None and distributed.is_main_process() else None
@@ -278,6 +290,10 @@ def train_gan(
         # Discriminator: reals up, fakes and mismatched reals down; each group its own pass (smaller
         # activations than one concatenated batch), and R1 on a separate pass over reals every r1_every steps.
         mismatched_pooled = text.pooled.roll(1, dims=0)
+        if hard_count and negative_captions is not None:
+            with torch.no_grad():
+                hard = text_encoder.encode(negative_captions(captions[:hard_count])).pooled
+            mismatched_pooled = torch.cat([hard, mismatched_pooled[hard.shape[0] :]])
         real_logits = run_d(d, aug(real), text.pooled)
         fake_logits = run_d(d, aug(fake.detach()), text.pooled)
         mismatch_logits = run_d(d, aug(real), mismatched_pooled)

@@ -100,7 +100,9 @@ class ShapesRecipe:
         )
     )
     vae_training: VAETrainingConfig = dataclasses.field(
-        default_factory=lambda: VAETrainingConfig(steps=3000, lr=1e-3)
+        default_factory=lambda: VAETrainingConfig(
+            steps=3000, lr=1e-3, sample_posterior=False, object_weight=4.0
+        )
     )
     clip_training: CLIPTrainingConfig = dataclasses.field(
         default_factory=lambda: CLIPTrainingConfig(steps=600)
@@ -299,6 +301,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
 
     rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 4]))
     batches = pool.batches(rng, recipe.gan_training.batch_size)
+    negative_rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 6]))
     state = train_gan(
         state,
         recipe.gan_training,
@@ -307,6 +310,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         seed=recipe.seed,
         out_dir=out,
         sample_fn=write_samples,
+        negative_captions=lambda captions: [shapes.swap_shape(c, negative_rng) for c in captions],
         progress=progress,
     )
     timings["gan"] = time.perf_counter() - start

@@ -313,6 +313,33 @@ def varied_caption(spec: ShapeSpec, rng: np.random.Generator) -> str:
     return " ".join(p for p in (noun, *tail) if p)
 
 
+def swap_shape(caption: str, rng: np.random.Generator) -> str:
+    """The caption with its shape word replaced by another shape: a hard negative for the discriminator.
+
+    The new shape is drawn among those that keep the (colour, shape) pair out of ``HELD_OUT``, so a
+    held-out pair never appears in training, not even as a negative.
+
+    Args:
+        caption: A Shapes-64 caption (canonical or varied): its colour word directly precedes its shape word.
+        rng: The source of randomness.
+
+    Returns:
+        The caption with only the shape word changed.
+
+    Raises:
+        ValueError: If the caption names no shape.
+    """
+    words = caption.split(" ")
+    index = next((i for i, word in enumerate(words) if word.rstrip(",") in SHAPES), None)
+    if index is None:
+        raise ValueError(f"swap_shape: the caption {caption!r} names none of the shapes {SHAPES}.")
+    shape = words[index].rstrip(",")
+    color = words[index - 1] if index > 0 else ""
+    choices = [other for other in SHAPES if other != shape and (color, other) not in HELD_OUT]
+    words[index] = words[index].replace(shape, choices[int(rng.integers(len(choices)))])
+    return " ".join(words)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data sets
 
