@@ -108,7 +108,9 @@ class ShapesRecipe:
         default_factory=lambda: CLIPTrainingConfig(steps=600)
     )
     gan_training: GANTrainingConfig = dataclasses.field(
-        default_factory=lambda: GANTrainingConfig(steps=3500, discriminator_width=32)
+        default_factory=lambda: GANTrainingConfig(
+            steps=3500, discriminator_width=32, hard_negative_fraction=0.5
+        )
     )
 
     @classmethod
