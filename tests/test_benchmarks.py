@@ -37,3 +37,12 @@ def test_cpu_switches_tiny_prints_its_table() -> None:
     assert "| switch | timed | off | on | on / off |" in out
     assert "| linear layers as oneDNN convolutions | UNet |" in out
     assert "| freed memory reused within a call | end to end |" in out
+
+
+def test_compile_tiny_prints_its_table(tmp_path: Path) -> None:
+    out = run_script("compile.py", "--tiny", "--size", "64", "--runs", "1", "--cache-dir", str(tmp_path))
+    assert "| timed | eager | compiled | compiled / eager | max difference |" in out
+    for timed in ("text encoder", "UNet", "VAE decoder", "end to end"):
+        assert f"| {timed} |" in out
+    assert "In a new process with Inductor's cache warm, the first call:" in out
+    assert any(tmp_path.rglob("*.py"))  # the compiled code, kept for the second process

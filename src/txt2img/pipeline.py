@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from txt2img import allocator, checks, hub, logs, memory, precision, saving
+from txt2img import allocator, checks, compiling, hub, linear, logs, memory, precision, saving
 from txt2img.attention import SliceSize, set_attention_slicing
 from txt2img.gan import GANGenerator
 from txt2img.generation import GeneratorArg, draw_noise, reproducible_seeds
@@ -82,6 +82,8 @@ class Txt2ImgPipeline:
         #: The Hub repo id or folder ``from_pretrained`` loaded, written into PNG metadata; ``None`` when
         #: the pipeline was built in memory.
         self.name_or_path: str | None = None
+        #: Whether :meth:`compile` compiled the networks' blocks.
+        self.compiled = False
 
     # -----------------------------------------------------------------------------------------------------
     # Properties and placement
@@ -193,6 +195,51 @@ class Txt2ImgPipeline:
         """Compute attention in one piece again."""
         self.enable_attention_slicing(None)
 
+    def compile(
+        self,
+        *,
+        mode: str | None = None,
+        dynamic: bool | None = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> Txt2ImgPipeline:
+        """Compile the networks' repeated blocks with ``torch.compile`` (opt-in; see ``txt2img.compiling``).
+
+        Images equal uncompiled ones within float tolerance. The first call at each new size and batch size
+        compiles, which takes seconds on a GPU and up to minutes on a small CPU; later calls, and later
+        processes with the same model and shapes (through Inductor's cache), skip it. It pays for a server
+        or a long batch, not for one image.
+
+        Args:
+            mode: ``torch.compile``'s mode: ``None`` (its default), ``"reduce-overhead"`` (CUDA graphs),
+                ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
+            dynamic: ``False`` (the default) compiles one version per input shape; ``None`` lets PyTorch
+                generalise over sizes after the second one.
+            cache_dir: Where Inductor keeps the compiled code (``TORCHINDUCTOR_CACHE_DIR``); default its own,
+                ``<temp dir>/torchinductor_<user>``.
+
+        Returns:
+            The pipeline.
+
+        Raises:
+            RuntimeError: If offloading is on (call ``disable_offload`` first), or ``torch.compile`` cannot run
+                here (no C++ compiler for CPU kernels, an unsupported Python).
+            ValueError: For an unknown ``mode``.
+        """
+        if self._offloader is not None:
+            raise RuntimeError(
+                "pipe.compile() does not work with CPU offloading, whose hooks move weights during the call: "
+                "call pipe.disable_offload() first."
+            )
+        compiling.check_compile_supported(self.device)
+        if cache_dir is not None:
+            compiling.set_cache_dir(cache_dir)
+        if self.device.type == "cpu":
+            linear.cpu_linear_backend()  # decide the linear backend now, not while tracing
+        for component in self.components.values():
+            compiling.compile_blocks(component, mode=mode, dynamic=dynamic)
+        self.compiled = True
+        return self
+
     def set_memory_limit(self, limit: memory.MemoryLimit = "auto") -> None:
         """Refuse calls whose estimated memory exceeds ``limit``, before they start (``txt2img.memory``).
 
@@ -220,6 +267,11 @@ class Txt2ImgPipeline:
         return memory.call_bytes(self, batch_size, height, width, output_type)
 
     def _enable_offload(self, device: torch.device | str | None, *, sequential: bool) -> None:
+        if self.compiled:
+            raise RuntimeError(
+                "This pipeline's blocks are compiled (pipe.compile()), and offloading's hooks would move "
+                "weights inside compiled code: load the pipeline again and enable offloading without compiling."
+            )
         target = resolve_device(device) if device is not None else default_execution_device()
         self.disable_offload()
         store = DiskStore() if target.type == "cpu" else DeviceStore(target)
