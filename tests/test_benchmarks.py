@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from txt2img.compiling import find_cpp_compiler
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -39,6 +43,7 @@ def test_cpu_switches_tiny_prints_its_table() -> None:
     assert "| freed memory reused within a call | end to end |" in out
 
 
+@pytest.mark.skipif(find_cpp_compiler() is None, reason="no C++ compiler for Inductor")
 def test_compile_tiny_prints_its_table(tmp_path: Path) -> None:
     out = run_script("compile.py", "--tiny", "--size", "64", "--runs", "1", "--cache-dir", str(tmp_path))
     assert "| timed | eager | compiled | compiled / eager | max difference |" in out

@@ -15,6 +15,11 @@ from txt2img.clip_text import CLIPEncoderLayer
 from txt2img.gan import SynthesisBlock
 from txt2img.layers import ResnetBlock
 
+#: Inductor compiles CPU kernels as C++; without a compiler, compile() refuses (tested below) and these skip.
+needs_cpp_compiler = pytest.mark.skipif(
+    compiling.find_cpp_compiler() is None, reason="no C++ compiler on the PATH"
+)
+
 
 def images(pipe, seed: int = 0) -> np.ndarray:
     return pipe(
@@ -24,6 +29,7 @@ def images(pipe, seed: int = 0) -> np.ndarray:
     ).images
 
 
+@needs_cpp_compiler
 def test_compiled_pipeline_gives_the_eager_images_and_fills_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -55,6 +61,7 @@ def test_compile_blocks_counts_each_block_once() -> None:
     assert compiling.compile_blocks(outer) == 2
 
 
+@needs_cpp_compiler
 def test_compile_refuses_a_bad_mode_and_offloading(tmp_path: Path) -> None:
     pipe = make_pipeline(tmp_path / "pipe")
     with pytest.raises(ValueError, match="mode='fastest' is not one of"):

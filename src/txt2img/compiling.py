@@ -58,14 +58,19 @@ def check_compile_supported(device: torch.device) -> None:
             "torch.compile does not support this Python version with the installed torch; run the pipeline "
             "without pipe.compile(), or use a Python version torch.compile supports."
         )
-    if device.type == "cpu":
-        candidates = (os.environ["CXX"],) if os.environ.get("CXX") else CPP_COMPILERS
-        if not any(shutil.which(name) for name in candidates):
-            raise RuntimeError(
-                f"torch.compile on the CPU needs a C++ compiler, and none of {', '.join(candidates)} is on the "
-                "PATH. Install one (for example `apt install g++`), set CXX to its path, or run the pipeline "
-                "without pipe.compile()."
-            )
+    if device.type == "cpu" and find_cpp_compiler() is None:
+        candidates = ", ".join((os.environ["CXX"],) if os.environ.get("CXX") else CPP_COMPILERS)
+        raise RuntimeError(
+            f"torch.compile on the CPU needs a C++ compiler, and none of {candidates} is on the PATH. Install "
+            "one (for example `apt install g++`), set CXX to its path, or run the pipeline without pipe.compile()."
+        )
+
+
+def find_cpp_compiler() -> str | None:
+    """The C++ compiler Inductor would find: ``$CXX`` if set, else the first of ``CPP_COMPILERS`` on the
+    ``PATH``; ``None`` if there is none."""
+    candidates = (os.environ["CXX"],) if os.environ.get("CXX") else CPP_COMPILERS
+    return next((path for name in candidates if (path := shutil.which(name))), None)
 
 
 def set_cache_dir(path: str | os.PathLike[str]) -> Path:
