@@ -44,13 +44,19 @@ CPP_COMPILERS = ("g++", "clang++", "c++")
 RECOMPILE_LIMIT = 64
 
 
-def check_compile_supported(device: torch.device) -> None:
+def check_compile_supported(device: torch.device, mode: str | None = None) -> None:
     """Raise a clear error where ``torch.compile`` cannot run, instead of a failure deep in the first call.
 
+    Args:
+        device: Where the compiled code will run.
+        mode: The ``torch.compile`` mode asked for.
+
     Raises:
+        ValueError: If ``mode`` is not one of ``COMPILE_MODES``.
         RuntimeError: If this Python has no TorchDynamo support, or ``device`` is the CPU and no C++ compiler
             (``$CXX``, ``g++``, ``clang++`` or ``c++``) is on the ``PATH``: Inductor compiles CPU kernels as C++.
     """
+    _check_mode(mode)
     import torch._dynamo  # about a second to import: only when compiling
 
     if not torch._dynamo.is_dynamo_supported():
@@ -59,18 +65,26 @@ def check_compile_supported(device: torch.device) -> None:
             "without pipe.compile(), or use a Python version torch.compile supports."
         )
     if device.type == "cpu" and find_cpp_compiler() is None:
-        candidates = ", ".join((os.environ["CXX"],) if os.environ.get("CXX") else CPP_COMPILERS)
         raise RuntimeError(
-            f"torch.compile on the CPU needs a C++ compiler, and none of {candidates} is on the PATH. Install "
-            "one (for example `apt install g++`), set CXX to its path, or run the pipeline without pipe.compile()."
+            f"torch.compile on the CPU needs a C++ compiler, and none of {', '.join(_cpp_candidates())} is on the "
+            "PATH. Install one (for example `apt install g++`), set CXX to its path, or run the pipeline without "
+            "pipe.compile()."
         )
+
+
+def _check_mode(mode: str | None) -> None:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"mode={mode!r} is not one of torch.compile's modes {COMPILE_MODES}.")
+
+
+def _cpp_candidates() -> tuple[str, ...]:
+    return (os.environ["CXX"],) if os.environ.get("CXX") else CPP_COMPILERS
 
 
 def find_cpp_compiler() -> str | None:
     """The C++ compiler Inductor would find: ``$CXX`` if set, else the first of ``CPP_COMPILERS`` on the
     ``PATH``; ``None`` if there is none."""
-    candidates = (os.environ["CXX"],) if os.environ.get("CXX") else CPP_COMPILERS
-    return next((path for name in candidates if (path := shutil.which(name))), None)
+    return next((path for name in _cpp_candidates() if (path := shutil.which(name))), None)
 
 
 def set_cache_dir(path: str | os.PathLike[str]) -> Path:
@@ -110,8 +124,7 @@ def compile_blocks(module: nn.Module, *, mode: str | None = None, dynamic: bool 
 
     Dynamo's ``recompile_limit`` is raised to at least ``RECOMPILE_LIMIT`` for the process.
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"mode={mode!r} is not one of torch.compile's modes {COMPILE_MODES}.")
+    _check_mode(mode)
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

@@ -230,7 +230,7 @@ class Txt2ImgPipeline:
                 "pipe.compile() does not work with CPU offloading, whose hooks move weights during the call: "
                 "call pipe.disable_offload() first."
             )
-        compiling.check_compile_supported(self.device)
+        compiling.check_compile_supported(self.device, mode)  # before anything changes
         if cache_dir is not None:
             compiling.set_cache_dir(cache_dir)
         if self.device.type == "cpu":
