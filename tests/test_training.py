@@ -25,7 +25,14 @@ from txt2img.training.gan_training import (
     train_gan,
 )
 from txt2img.training.recipe import ShapesRecipe, image_batches, run, vocabulary
-from txt2img.training.vae_training import VAETrainingConfig, kl_divergence, object_mask, train_vae, vae_loss
+from txt2img.training.vae_training import (
+    VAETrainingConfig,
+    decoder_loss,
+    kl_divergence,
+    object_mask,
+    train_vae,
+    vae_loss,
+)
 from txt2img.vae import VAEConfig
 
 
@@ -150,6 +157,27 @@ def test_vae_training_reduces_the_loss() -> None:
     with torch.no_grad():  # the fitted scaling gives latents of about zero mean and unit variance
         latents = encoder.sample(images)
     assert abs(float(latents.mean())) < 0.5 and 0.5 < float(latents.std()) < 2.0
+
+
+def test_decoder_steps_train_the_decoder_alone() -> None:
+    config = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
+    joint = VAETrainingConfig(steps=20, lr=3e-3, sample_posterior=False)
+    finetuned = dataclasses.replace(joint, decoder_steps=30, decoder_lr=3e-3, decoder_object_weight=4.0)
+    images = next(image_batches(np.random.default_rng(1), 8))
+    trained = {}
+    for name, training in (("joint", joint), ("finetuned", finetuned)):
+        torch.manual_seed(0)
+        trained[name] = train_vae(
+            config, training, image_batches(np.random.default_rng(0), 8), progress=False
+        )
+    (encoder_a, decoder_a), (encoder_b, decoder_b) = trained["joint"], trained["finetuned"]
+    for key, value in encoder_a.state_dict().items():  # the latent space is the joint training's
+        torch.testing.assert_close(encoder_b.state_dict()[key], value, rtol=0, atol=0)
+    assert all(p.requires_grad for p in encoder_b.parameters())  # the encoder is handed back trainable
+    with torch.no_grad():
+        before, _ = decoder_loss(images, encoder_a, decoder_a, finetuned)
+        after, _ = decoder_loss(images, encoder_b, decoder_b, finetuned)
+    assert after < 0.9 * before
 
 
 def test_clip_training_aligns_text_and_latents(tiny_run: Path) -> None:

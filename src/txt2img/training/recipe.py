@@ -101,7 +101,13 @@ class ShapesRecipe:
     )
     vae_training: VAETrainingConfig = dataclasses.field(
         default_factory=lambda: VAETrainingConfig(
-            steps=3000, lr=1e-3, sample_posterior=False, object_weight=4.0
+            steps=3000,
+            lr=1e-3,
+            sample_posterior=False,
+            object_weight=4.0,
+            decoder_steps=2000,
+            decoder_lr=1e-3,
+            decoder_object_weight=8.0,
         )
     )
     clip_training: CLIPTrainingConfig = dataclasses.field(
@@ -109,7 +115,7 @@ class ShapesRecipe:
     )
     gan_training: GANTrainingConfig = dataclasses.field(
         default_factory=lambda: GANTrainingConfig(
-            steps=3500, discriminator_width=32, hard_negative_fraction=0.5
+            steps=3500, discriminator_width=32, hard_negative_fraction=0.75
         )
     )
 
@@ -131,7 +137,7 @@ class ShapesRecipe:
                 attention=(True, False, False, False),
                 attention_heads=2,
             ),
-            vae_training=VAETrainingConfig(steps=20),
+            vae_training=VAETrainingConfig(steps=20, decoder_steps=5),
             clip_training=CLIPTrainingConfig(steps=20),
             gan_training=GANTrainingConfig(
                 steps=20, batch_size=16, sample_every=10, checkpoint_every=10, discriminator_width=16
@@ -203,7 +209,8 @@ def model_card(recipe: ShapesRecipe, timings: dict[str, float], report: EvalRepo
         "example_prompt": SAMPLE_PROMPTS[0],
         "training": (
             f"`python -m txt2img.training shapes --out DIR --seed {recipe.seed}` (txt2img.training.recipe): "
-            f"a KL-VAE ({recipe.vae_training.steps} steps), a word-level CLIP text encoder "
+            f"a KL-VAE ({recipe.vae_training.steps} steps, then {recipe.vae_training.decoder_steps} of the "
+            "decoder alone), a word-level CLIP text encoder "
             f"({recipe.clip_training.steps} steps), then the GAN ({recipe.gan_training.steps} steps of "
             f"{recipe.gan_training.batch_size}); the EMA generator is the one saved. Held-out (colour, shape) "
             f"pairs never seen in training: {', '.join(' '.join(pair) for pair in sorted(shapes.HELD_OUT))}. "
