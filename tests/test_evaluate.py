@@ -88,9 +88,30 @@ def test_report_markdown_and_dict() -> None:
     assert "| seen | held-out |" in table and "variety" in table and "images/s" in table
     data = report.to_dict()
     assert json.loads(json.dumps(data)) == data
-    assert set(data) == {"seen", "held_out", "variety", "images_per_second", "num_images"}
+    assert set(data) == {"seen", "held_out", "variety", "images_per_second", "num_images", "shape_by_object"}
     zeros = dict.fromkeys(ROWS, 0.0)
     assert "not measured" in EvalReport(zeros, zeros, None, 1.0, 1).to_markdown()
+
+
+def test_shape_by_object_shows_which_objects_fail() -> None:
+    def squares_as_circles(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return true_images([p.replace("square", "circle") for p in prompts], seeds)
+
+    report = evaluate(squares_as_circles, num_images=120, variety_prompts=0)
+    for split, prompts in (
+        ("seen", canonical_prompts(120, 0, False)),
+        ("held_out", canonical_prompts(120, 0, True)),
+    ):
+        objects = report.shape_by_object[split]
+        wanted = [parse_caption(p) for p in prompts]
+        assert set(objects) == {f"{w['size']} {w['color']} {w['shape']}" for w in wanted}
+        assert sum(counts["images"] for counts in objects.values()) == 120
+        for name, counts in objects.items():
+            assert counts["shape"] == (0.0 if name.endswith("square") else 1.0)
+    table = report.to_markdown(by_object=True).split("| object | split | images | shape right |")[1]
+    first_row = table.strip().splitlines()[1]
+    assert "square" in first_row and first_row.endswith("| 0.000 |")  # worst first
+    assert "| object |" not in report.to_markdown()
 
 
 def test_pipeline_generator_adapts_a_pipeline(pipe: Txt2ImgPipeline) -> None:
@@ -127,3 +148,6 @@ def test_cli_prints_the_table_and_writes_json(monkeypatch, tmp_path: Path, capsy
     assert "| all five |" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["num_images"] == 20 and report["seen"]["all five"] >= 0.95
+    assert sum(counts["images"] for counts in report["shape_by_object"]["held_out"].values()) == 20
+    assert evaluation.main(["some/model", "--num-images", "20", "--by-object"]) == 0
+    assert "| object | split | images | shape right |" in capsys.readouterr().out

@@ -4,9 +4,10 @@ A model is any ``generate(prompts, seeds)`` callable returning uint8 images (B, 
 evaluation therefore serves the GAN pipeline (:func:`pipeline_generator`) and any baseline. It asks for
 canonical prompts of seen and of held-out (colour, shape) combinations, reads every image back with
 :func:`~txt2img.training.attributes.read_attributes`, and reports the fraction matching the prompt per
-attribute and for all five at once, plus variety across seeds and throughput.
+attribute and for all five at once, plus variety across seeds and throughput; and, per object (size, colour
+and shape), how often the shape came out right.
 
-    python -m txt2img.training.evaluate MODEL [--num-images N] [--seed S] [--json PATH]
+    python -m txt2img.training.evaluate MODEL [--num-images N] [--seed S] [--json PATH] [--by-object]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 Generate = Callable[[list[str], list[int]], np.ndarray]  # (prompts, seeds) → uint8 (B, 64, 64, 3)
 ALL = "all five"
+ObjectShapes = dict[str, float]  # {"images": count asked for, "shape": fraction with the right shape}
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -66,6 +68,8 @@ class EvalReport:
             different seeds; ``None`` when not measured. 0 means the seed changes nothing.
         images_per_second: Throughput of the ``generate`` callable over all its calls.
         num_images: Images generated per split (seen, held-out).
+        shape_by_object: Per split (``"seen"``, ``"held_out"``) and object (``"small green square"``):
+            the images asked for and the fraction with the right shape, to show which objects fail.
     """
 
     seen: dict[str, float]
@@ -73,14 +77,15 @@ class EvalReport:
     variety: float | None
     images_per_second: float
     num_images: int
+    shape_by_object: dict[str, dict[str, ObjectShapes]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-serialisable data."""
         return asdict(self)
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, by_object: bool = False) -> str:
         """A Markdown table of accuracy (rows: attributes and all five; columns: seen, held-out), then
-        variety and speed."""
+        variety and speed; with ``by_object``, then a table of shape accuracy per object, worst first."""
         lines = [
             f"| attribute ({self.num_images} images each) | seen | held-out |",
             "|---|---|---|",
@@ -90,6 +95,14 @@ class EvalReport:
             + ("not measured" if self.variety is None else f"{self.variety:.2f}"),
             f"speed: {self.images_per_second:.1f} images/s",
         ]
+        if by_object:
+            rows = [
+                (counts["shape"], obj, split.replace("_", "-"), counts["images"])
+                for split, objects in self.shape_by_object.items()
+                for obj, counts in objects.items()
+            ]
+            lines += ["", "| object | split | images | shape right |", "|---|---|---|---|"]
+            lines += [f"| {obj} | {split} | {n} | {right:.3f} |" for right, obj, split, n in sorted(rows)]
         return "\n".join(lines)
 
 
@@ -122,14 +135,22 @@ class _TimedGenerate:
         return np.concatenate(batches)
 
 
-def _accuracy(prompts: list[str], images: np.ndarray) -> dict[str, float]:
+def _accuracy(prompts: list[str], images: np.ndarray) -> tuple[dict[str, float], dict[str, ObjectShapes]]:
+    """Fraction right per attribute and for all five; and per object, the images and fraction of right shapes."""
     hits = np.zeros((len(prompts), len(ATTRIBUTE_NAMES)), dtype=bool)  # (N, 5)
+    objects = []
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         wanted, read = parse_caption(prompt), read_attributes(image).as_dict()
         hits[i] = [read[name] == wanted[name] for name in ATTRIBUTE_NAMES]
+        objects.append(f"{wanted['size']} {wanted['color']} {wanted['shape']}")
     result = {name: float(hits[:, j].mean()) for j, name in enumerate(ATTRIBUTE_NAMES)}
     result[ALL] = float(hits.all(axis=1).mean())
-    return result
+    shape_hits = hits[:, ATTRIBUTE_NAMES.index("shape")]
+    by_object: dict[str, ObjectShapes] = {}
+    for obj in sorted(set(objects)):
+        mine = np.array([o == obj for o in objects])
+        by_object[obj] = {"images": int(mine.sum()), "shape": float(shape_hits[mine].mean())}
+    return result, by_object
 
 
 def _variety(timed: _TimedGenerate, prompts: list[str], seeds: np.ndarray) -> float:
@@ -169,10 +190,13 @@ def evaluate(
         raise ValueError(f"variety needs at least 2 seeds per prompt; got variety_seeds={variety_seeds}.")
     timed = _TimedGenerate(generate, batch_size)
     accuracy: dict[bool, dict[str, float]] = {}
+    by_object: dict[str, dict[str, ObjectShapes]] = {}
     for held_out in (False, True):
         prompts = canonical_prompts(num_images, seed, held_out)
         seeds = _rng(seed, 1, int(held_out)).integers(0, 2**31, size=num_images)
-        accuracy[held_out] = _accuracy(prompts, timed(prompts, list(seeds)))
+        accuracy[held_out], by_object["held_out" if held_out else "seen"] = _accuracy(
+            prompts, timed(prompts, list(seeds))
+        )
     variety: float | None = None
     if variety_prompts > 0:
         seeds = _rng(seed, 2).integers(0, 2**31, size=variety_prompts * variety_seeds)
@@ -184,6 +208,7 @@ def evaluate(
         variety=variety,
         images_per_second=timed.images / max(timed.seconds, 1e-9),
         num_images=num_images,
+        shape_by_object=by_object,
     )
 
 
@@ -218,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="e.g. cuda; default CPU")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument(
+        "--by-object", action="store_true", help="also print shape accuracy per object, worst first"
+    )
     args = parser.parse_args(argv)
 
     from txt2img import Txt2ImgPipeline
@@ -225,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Txt2ImgPipeline.from_pretrained(args.model, device=args.device)
     generate = pipeline_generator(pipe)
     report = evaluate(generate, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size)
-    print(report.to_markdown())
+    print(report.to_markdown(by_object=args.by_object))
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
