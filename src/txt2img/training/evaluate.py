@@ -145,11 +145,13 @@ def _accuracy(prompts: list[str], images: np.ndarray) -> tuple[dict[str, float],
         objects.append(f"{wanted['size']} {wanted['color']} {wanted['shape']}")
     result = {name: float(hits[:, j].mean()) for j, name in enumerate(ATTRIBUTE_NAMES)}
     result[ALL] = float(hits.all(axis=1).mean())
-    shape_hits = hits[:, ATTRIBUTE_NAMES.index("shape")]
-    by_object: dict[str, ObjectShapes] = {}
-    for obj in sorted(set(objects)):
-        mine = np.array([o == obj for o in objects])
-        by_object[obj] = {"images": int(mine.sum()), "shape": float(shape_hits[mine].mean())}
+    names, index = np.unique(objects, return_inverse=True)  # sorted objects; each image's object
+    images_per_object = np.bincount(index)
+    right_per_object = np.bincount(index, weights=hits[:, ATTRIBUTE_NAMES.index("shape")])
+    by_object: dict[str, ObjectShapes] = {
+        str(name): {"images": int(n), "shape": float(right / n)}
+        for name, n, right in zip(names, images_per_object, right_per_object)
+    }
     return result, by_object
 
 
