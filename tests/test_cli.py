@@ -126,3 +126,52 @@ def test_python_dash_m_runs_the_cli(saved_pipeline: Path, tmp_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert out.is_file() and read_png_metadata(out).seed == 1
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["generate", "batch"])
+def test_compile_option_compiles_the_pipeline_before_generating(
+    saved_pipeline: Path, tmp_path: Path, monkeypatch, batch: bool
+) -> None:
+    calls: list[str] = []
+    real_call = Txt2ImgPipeline.__call__
+
+    def fake_compile(self: Txt2ImgPipeline, **kwargs: object) -> Txt2ImgPipeline:
+        calls.append("compile")
+        return self
+
+    def recording_call(self: Txt2ImgPipeline, *args: object, **kwargs: object):
+        calls.append("generate")
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Txt2ImgPipeline, "compile", fake_compile)
+    monkeypatch.setattr(Txt2ImgPipeline, "__call__", recording_call)
+    if batch:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a red circle\n")
+        argv = ["batch", str(prompts), "--out", str(tmp_path / "out")]
+    else:
+        argv = ["a red circle", "-o", str(tmp_path / "out.png")]
+    assert main([*argv, "--model", str(saved_pipeline), "--quiet", "--compile"]) == 0
+    assert calls[0] == "compile" and calls.count("compile") == 1 and "generate" in calls
+    calls.clear()
+    assert main([*argv, "--model", str(saved_pipeline), "--quiet"]) == 0
+    assert "compile" not in calls
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["generate", "batch"])
+def test_compile_option_that_cannot_run_is_a_clear_error(
+    saved_pipeline: Path, tmp_path: Path, capsys, monkeypatch, batch: bool
+) -> None:
+    def refuse(self: Txt2ImgPipeline, **kwargs: object) -> Txt2ImgPipeline:
+        raise RuntimeError("no C++ compiler was found")
+
+    monkeypatch.setattr(Txt2ImgPipeline, "compile", refuse)
+    if batch:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a red circle\n")
+        argv = ["batch", str(prompts), "--out", str(tmp_path / "out")]
+    else:
+        argv = ["a red circle", "-o", str(tmp_path / "out.png")]
+    assert main([*argv, "--model", str(saved_pipeline), "--quiet", "--compile"]) == 1
+    assert "txt2img: error: --compile: no C++ compiler was found" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists() and not (tmp_path / "out").exists()
