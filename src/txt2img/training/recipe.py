@@ -4,7 +4,7 @@ and a GAN, each trained on the CPU in turn, then saved as an ordinary ``Txt2ImgP
     python -m txt2img.training shapes --out DIR [--seed 0]
 
 Stages and what each one hands on:
-1. VAE: 64 × 64 images ↔ 32 × 32 × 4 latents; fitted ``shift_factor``/``scaling_factor``.
+1. VAE: 64 × 64 images ↔ 32 × 32 × 8 latents; fitted ``shift_factor``/``scaling_factor``.
 2. Latent pool: ``pool_size`` renderings (held-out pairs excluded) encoded once to scaled latents.
 3. Text encoder: a word-level CLIP text model trained against a latent-image encoder on the pool.
 4. GAN: the native generator trained on the pool with the frozen text encoder (``gan_training``).
@@ -90,7 +90,11 @@ class ShapesRecipe:
     clip_batch_size: int = 256
     vae: VAEConfig = dataclasses.field(
         default_factory=lambda: VAEConfig(
-            block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=64,
+            latent_channels=8,
         )
     )
     text: TextEncoderShape = dataclasses.field(default_factory=TextEncoderShape)
