@@ -128,6 +128,15 @@ def test_python_dash_m_runs_the_cli(saved_pipeline: Path, tmp_path: Path) -> Non
     assert out.is_file() and read_png_metadata(out).seed == 1
 
 
+def _one_image_command(tmp_path: Path, batch: bool) -> list[str]:
+    """``txt2img`` arguments for one image, as a prompt or as ``txt2img batch`` of a one-line file."""
+    if not batch:
+        return ["a red circle", "-o", str(tmp_path / "out.png")]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    return ["batch", str(prompts), "--out", str(tmp_path / "out")]
+
+
 @pytest.mark.parametrize("batch", [False, True], ids=["generate", "batch"])
 def test_compile_option_compiles_the_pipeline_before_generating(
     saved_pipeline: Path, tmp_path: Path, monkeypatch, batch: bool
@@ -145,12 +154,7 @@ def test_compile_option_compiles_the_pipeline_before_generating(
 
     monkeypatch.setattr(Txt2ImgPipeline, "compile", fake_compile)
     monkeypatch.setattr(Txt2ImgPipeline, "__call__", recording_call)
-    if batch:
-        prompts = tmp_path / "prompts.txt"
-        prompts.write_text("a red circle\n")
-        argv = ["batch", str(prompts), "--out", str(tmp_path / "out")]
-    else:
-        argv = ["a red circle", "-o", str(tmp_path / "out.png")]
+    argv = _one_image_command(tmp_path, batch)
     assert main([*argv, "--model", str(saved_pipeline), "--quiet", "--compile"]) == 0
     assert calls[0] == "compile" and calls.count("compile") == 1 and "generate" in calls
     calls.clear()
@@ -166,12 +170,7 @@ def test_compile_option_that_cannot_run_is_a_clear_error(
         raise RuntimeError("no C++ compiler was found")
 
     monkeypatch.setattr(Txt2ImgPipeline, "compile", refuse)
-    if batch:
-        prompts = tmp_path / "prompts.txt"
-        prompts.write_text("a red circle\n")
-        argv = ["batch", str(prompts), "--out", str(tmp_path / "out")]
-    else:
-        argv = ["a red circle", "-o", str(tmp_path / "out.png")]
+    argv = _one_image_command(tmp_path, batch)
     assert main([*argv, "--model", str(saved_pipeline), "--quiet", "--compile"]) == 1
     assert "txt2img: error: --compile: no C++ compiler was found" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "out").exists()
