@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from txt2img.compiling import find_cpp_compiler
 
@@ -34,6 +35,27 @@ def test_compare_diffusers_tiny_prints_every_table() -> None:
         assert title in out
     assert "| SD VAE | 64² | 1 |" in out and "| TAESD | 64² | 1 |" in out
     assert "| 64² | UNet |" in out and "| 64² | VAE decoder |" in out
+
+
+def test_compare_diffusers_runs_both_libraries_in_the_dtype_asked() -> None:
+    # float16 on a CPU: slow for diffusers, computed in float32 by txt2img, but the same loading and casting
+    # code as `--device cuda --dtype float16`, TAESD variant included
+    out = run_script("compare_diffusers.py", "--tiny", "--dtype", "float16")
+    assert "float16 on cpu" in out and "### Peak float16 FLOP/s" in out
+    assert "| SD VAE | 64² | 1 |" in out and "| TAESD | 64² | 1 |" in out
+    assert "| txt2img images/s |" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_compare_diffusers_refuses_a_missing_gpu_by_name() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compare_diffusers.py"), "--tiny", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--device cuda: this torch sees no CUDA GPU" in result.stderr
 
 
 def test_cpu_switches_tiny_prints_its_table() -> None:

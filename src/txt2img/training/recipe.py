@@ -51,7 +51,7 @@ from txt2img.training.evaluate import EvalReport, evaluate, pipeline_generator
 from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
 from txt2img.utils import make_image_grid
-from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder
+from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder, scale_latents
 
 SAMPLE_PROMPTS = (
     "a large red circle in the top left corner on a blue background",
@@ -194,7 +194,7 @@ def encode_pool(
     for start in range(0, size, batch_size):
         images, _, batch_specs = shapes.sample_batch(rng, min(batch_size, size - start))
         mean, _ = encoder.encode(images.contiguous(memory_format=torch.channels_last))
-        latents.append((mean - (config.shift_factor or 0.0)) * config.scaling_factor)
+        latents.append(scale_latents(mean, config.scaling_factor, config.shift_factor))
         specs.extend(batch_specs)
     return LatentPool(torch.cat(latents).contiguous(), specs)
 
