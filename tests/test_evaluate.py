@@ -128,8 +128,14 @@ class FakePipeline:
     def set_progress_bar_config(self, **kwargs: object) -> None:
         self.progress = kwargs
 
-    def __call__(self, prompts: list[str], *, generator: list, output_type: str) -> SimpleNamespace:
+    def __init__(self) -> None:
+        self.truncation_psis: list[float] = []  # one per call
+
+    def __call__(
+        self, prompts: list[str], *, generator: list, output_type: str, truncation_psi: float
+    ) -> SimpleNamespace:
         assert output_type == "np"
+        self.truncation_psis.append(truncation_psi)
         images = true_images(prompts, [g.initial_seed() for g in generator]).astype(np.float32) / 255
         return SimpleNamespace(images=images)
 
@@ -139,7 +145,10 @@ def test_cli_prints_the_table_and_writes_json(monkeypatch, tmp_path: Path, capsy
 
     def from_pretrained(name: str, **kwargs: object) -> FakePipeline:
         loaded.append(name)
-        return FakePipeline()
+        pipes.append(FakePipeline())
+        return pipes[-1]
+
+    pipes: list[FakePipeline] = []
 
     monkeypatch.setattr(Txt2ImgPipeline, "from_pretrained", from_pretrained)
     out = tmp_path / "report.json"
@@ -149,5 +158,8 @@ def test_cli_prints_the_table_and_writes_json(monkeypatch, tmp_path: Path, capsy
     report = json.loads(out.read_text())
     assert report["num_images"] == 20 and report["seen"]["all five"] >= 0.95
     assert sum(counts["images"] for counts in report["shape_by_object"]["held_out"].values()) == 20
+    assert set(pipes[0].truncation_psis) == {1.0}  # off unless asked for
     assert evaluation.main(["some/model", "--num-images", "20", "--by-object"]) == 0
     assert "| object | split | images | shape right |" in capsys.readouterr().out
+    assert evaluation.main(["some/model", "--num-images", "20", "--truncation-psi", "0.6"]) == 0
+    assert set(pipes[-1].truncation_psis) == {0.6}

@@ -214,11 +214,12 @@ def evaluate(
     )
 
 
-def pipeline_generator(pipe: Txt2ImgPipeline) -> Generate:
+def pipeline_generator(pipe: Txt2ImgPipeline, truncation_psi: float = 1.0) -> Generate:
     """Adapt a :class:`~txt2img.Txt2ImgPipeline` to the ``generate(prompts, seeds)`` contract.
 
     Args:
         pipe: The pipeline; its progress bar is turned off.
+        truncation_psi: Passed to every call (1: off; GAN generators only).
 
     Returns:
         A callable giving uint8 (B, H, W, 3) images; image ``i`` is drawn with a ``torch.Generator``
@@ -227,7 +228,9 @@ def pipeline_generator(pipe: Txt2ImgPipeline) -> Generate:
     pipe.set_progress_bar_config(disable=True)
 
     def generate(prompts: list[str], seeds: list[int]) -> np.ndarray:
-        output = pipe(prompts, generator=seeded_generators(seeds), output_type="np")
+        output = pipe(
+            prompts, generator=seeded_generators(seeds), output_type="np", truncation_psi=truncation_psi
+        )
         images = np.asarray(output.images)  # (B, H, W, 3) in [0, 1]
         return to_uint8(images)
 
@@ -248,12 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--by-object", action="store_true", help="also print shape accuracy per object, worst first"
     )
+    parser.add_argument(
+        "--truncation-psi",
+        type=float,
+        default=1.0,
+        help="GAN generators: pull each image toward the prompt's typical one (below 1: less variety; default 1)",
+    )
     args = parser.parse_args(argv)
 
     from txt2img import Txt2ImgPipeline
 
     pipe = Txt2ImgPipeline.from_pretrained(args.model, device=args.device)
-    generate = pipeline_generator(pipe)
+    generate = pipeline_generator(pipe, args.truncation_psi)
     report = evaluate(generate, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size)
     print(report.to_markdown(by_object=args.by_object))
     if args.json is not None:
