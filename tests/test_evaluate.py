@@ -125,11 +125,11 @@ def test_pipeline_generator_adapts_a_pipeline(pipe: Txt2ImgPipeline) -> None:
 class FakePipeline:
     """Stands in for Txt2ImgPipeline.from_pretrained in the CLI test: perfect images, as floats in [0, 1]."""
 
-    def set_progress_bar_config(self, **kwargs: object) -> None:
-        self.progress = kwargs
-
     def __init__(self) -> None:
         self.truncation_psis: list[float] = []  # one per call
+
+    def set_progress_bar_config(self, **kwargs: object) -> None:
+        self.progress = kwargs
 
     def __call__(
         self, prompts: list[str], *, generator: list, output_type: str, truncation_psi: float
@@ -141,14 +141,13 @@ class FakePipeline:
 
 
 def test_cli_prints_the_table_and_writes_json(monkeypatch, tmp_path: Path, capsys) -> None:
-    loaded = []
+    loaded: list[str] = []
+    pipes: list[FakePipeline] = []
 
     def from_pretrained(name: str, **kwargs: object) -> FakePipeline:
         loaded.append(name)
         pipes.append(FakePipeline())
         return pipes[-1]
-
-    pipes: list[FakePipeline] = []
 
     monkeypatch.setattr(Txt2ImgPipeline, "from_pretrained", from_pretrained)
     out = tmp_path / "report.json"
