@@ -36,7 +36,7 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, StableDiffusionPipeline
 from sd_turbo_random import CACHE, char_tokenizer, randomize  # benchmarks/, on sys.path when run as a script
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import txt2img
@@ -118,11 +118,18 @@ SD_TURBO_SCHEDULER = {
     "timestep_spacing": "trailing",
     "steps_offset": 1,
 }
-# FlopCounterMode has no formula for the flash-attention kernel that SDPA runs on CPUs: count it as SDPA.
-CPU_SDPA_FLOPS = {
+# FlopCounterMode has no formula for the flash-attention kernel that SDPA runs on CPUs, nor for the oneDNN
+# convolution that txt2img.packed_weights calls with a packed weight: count them as SDPA and as a convolution.
+CPU_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, out_shape=None, **kwargs: (
         sdpa_flop_count(q, k, v)
-    )
+    ),
+    torch.ops.mkldnn._convolution_pointwise: lambda x, w, *args, out_shape=None, **kwargs: conv_flop_count(
+        list(x),
+        list(w),
+        list(out_shape),
+        transposed=False,  # the counter passes shapes
+    ),
 }
 
 
@@ -260,7 +267,7 @@ def end_to_end_rows(decoder: str, theirs: Any, ours: Any, args: argparse.Namespa
             a, b = median["diffusers"], median["txt2img"]
             rows.append(
                 f"| {decoder} | {size}² | {batch} | {a:.3f} | {b:.3f} | {b / a:.2f} | "
-                f"{batch / a:.1f} | {batch / b:.1f} | {diff:.1e} |"
+                f"{batch / a:.3g} | {batch / b:.3g} | {diff:.1e} |"
             )
     return rows
 
@@ -302,7 +309,7 @@ def median_seconds(fn: Callable[[], Any], runs: int, device: torch.device = CPU)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=CPU_FLOPS) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -2,6 +2,8 @@
 
 - ``txt2img.linear``: linear layers as oneDNN 1 × 1 convolutions (``"onednn"``) or ``F.linear`` (``"blas"``),
   timed on the text encoder and the UNet alone;
+- ``txt2img.packed_weights``: convolution (and those linear layers') weights kept in oneDNN's layout between
+  calls or reordered on every call, timed on the text encoder, the UNet and the VAE decoder alone;
 - ``txt2img.allocator``: freed memory reused within a call or not, timed end to end (prompt → ``np`` image).
 
 Uses the SD-Turbo-size random-weight pipeline of ``compare_diffusers.py`` (built once, cached). The numbers
@@ -13,6 +15,7 @@ in docs/speed.md come from:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from compare_diffusers import build_folder, components, generate, header  # benchmarks/, on sys.path
 
-from txt2img import Txt2ImgPipeline, allocator, linear
+from txt2img import Txt2ImgPipeline, allocator, linear, packed_weights
 
 
 def alternate(
@@ -39,6 +42,12 @@ def alternate(
     return [statistics.median(times[setting]) for setting in settings]
 
 
+def resident_mib() -> float:
+    """The process's resident memory now (Linux), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
@@ -50,6 +59,7 @@ def main() -> None:
     calls = components(pipe, None, args.size)
     rows = []
     with torch.inference_mode():
+        packed_weights.set_cpu_weight_packing(False)  # the linear layers' own effect first
         for name in ("text encoder", "UNet"):
             call = calls[name]
             off, on = alternate(
@@ -58,7 +68,18 @@ def main() -> None:
             rows.append(
                 f"| linear layers as oneDNN convolutions | {name} | {off:.3f} | {on:.3f} | {on / off:.2f} |"
             )
-    linear.set_cpu_linear_backend(None)
+        linear.set_cpu_linear_backend(None)
+        unpacked_mib = resident_mib()
+        for name in ("text encoder", "UNet", "VAE decoder"):
+            call = calls[name]
+            off, on = alternate(
+                packed_weights.set_cpu_weight_packing, [False, True], lambda _, c=call: c(), args.runs
+            )
+            rows.append(
+                f"| weights kept packed for oneDNN | {name} | {off:.3f} | {on:.3f} | {on / off:.2f} |"
+            )
+    packed_weights.set_cpu_weight_packing(None)
+    packed_mib = resident_mib() - unpacked_mib
     off, on = alternate(
         allocator.set_memory_reuse, [False, True], lambda run: generate(pipe, 1, args.size, run), args.runs
     )
@@ -68,6 +89,7 @@ def main() -> None:
     print(f"\n### txt2img's CPU switches at {args.size}², batch 1 (median of {args.runs} runs, seconds)\n")
     print("| switch | timed | off | on | on / off |\n|---|---|---|---|---|")
     print("\n".join(rows))
+    print(f"\nResident memory added by the packed weights of the three components: {packed_mib:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 KNOBS = {
     "none": "everything in memory, float32",
+    "no_packing": "float32, convolution weights not kept packed (set_cpu_weight_packing(False))",
     "bfloat16": "dtype=torch.bfloat16: weights stored in bfloat16, computed in float32",
     "model_offload": "pipe.enable_model_cpu_offload(): components rest on disk, one in memory at a time",
     "sequential_offload": "pipe.enable_sequential_cpu_offload(): one layer in memory at a time",
@@ -43,12 +44,14 @@ def status_mib(field: str) -> float:
 def worker(knob: str, model: str, size: int, batch: int) -> dict[str, float]:
     import torch
 
-    from txt2img import Txt2ImgPipeline
+    from txt2img import Txt2ImgPipeline, packed_weights
 
     knob, _, batch_text = knob.partition("@")
     batch = int(batch_text or batch)
     pipe = Txt2ImgPipeline.from_pretrained(model, dtype=torch.bfloat16 if "bfloat16" in knob else None)
     pipe.set_progress_bar_config(disable=True)
+    if knob == "no_packing":
+        packed_weights.set_cpu_weight_packing(False)
     if "model_offload" in knob:
         pipe.enable_model_cpu_offload()
     if knob == "sequential_offload":

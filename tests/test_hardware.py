@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from txt2img import Txt2ImgPipeline
+from txt2img import Txt2ImgPipeline, packed_weights
 from txt2img.offload import read_safetensors_mmap, write_safetensors
+from txt2img.packed_weights import Conv2d
 
 PROMPTS = ["a red cat", "two dogs"]
 
@@ -129,6 +130,24 @@ def test_sequential_offload_wakes_one_layer_at_a_time(offloaded: Txt2ImgPipeline
     images(offloaded)
     # While a convolution runs, at most its enclosing weighted modules (none here) besides itself are awake.
     assert largest_awake == 0
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offloading_packs_no_weights_and_turning_it_off_packs_again(
+    offloaded: Txt2ImgPipeline, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(packed_weights, "MAX_PIXELS", 64 * 64)  # every map of the tiny decoder
+    packs = [m.weight_pack for m in offloaded.vae.modules() if isinstance(m, Conv2d)]
+    assert packs
+    images(offloaded)  # in memory: the decoder's convolutions keep their weights packed
+    assert all(pack.tensor is not None for pack in packs)
+    getattr(offloaded, f"enable_{mode}_cpu_offload")()
+    assert all(pack.tensor is None for pack in packs)  # what was packed is dropped
+    images(offloaded)
+    assert all(pack.tensor is None for pack in packs)  # weights woken from disk are not packed
+    offloaded.disable_offload()
+    images(offloaded)
+    assert all(pack.tensor is not None for pack in packs)
 
 
 def test_to_is_refused_after_sequential_offload_and_turns_model_offload_off(

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from txt2img.linear import Linear
+from txt2img.packed_weights import Conv2d
 
 
 class ResnetBlock(nn.Module):
@@ -35,13 +36,13 @@ class ResnetBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_embedding_norm = time_embedding_norm
         projected = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
         self.time_emb_proj = Linear(temb_channels, projected) if temb_channels is not None else None
         self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,7 +90,7 @@ def transposed_upsample_weights(weight: torch.Tensor) -> torch.Tensor:
 TRANSPOSED_MIN_PIXELS = 64 * 64
 
 
-class UpsampleConv2d(nn.Conv2d):
+class UpsampleConv2d(Conv2d):
     """A 3×3 convolution of its input upsampled ×2 (nearest), computed without upsampling: one stride-2
     transposed convolution with a 4×4 kernel on the input (``transposed_upsample_weights``). 16/36 of the
     multiply-adds and no upsampled copy of the input (1.6–1.8× faster on CPUs for the VAE decoder's large
@@ -126,7 +127,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int, padding: int = 0) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
         self.asymmetric = padding == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from txt2img import allocator, checks, compiling, hub, linear, logs, memory, precision, saving
+from txt2img import allocator, checks, compiling, hub, linear, logs, memory, packed_weights, precision, saving
 from txt2img.attention import SliceSize, set_attention_slicing
 from txt2img.gan import GANGenerator
 from txt2img.generation import GeneratorArg, draw_noise, reproducible_seeds
@@ -176,6 +176,8 @@ class Txt2ImgPipeline:
         if self._offloader is not None:
             self._offloader.remove()
             self._offloader = None
+            for component in self.components.values():
+                packed_weights.set_module_packing(component, True)
 
     def enable_attention_slicing(self, slice_size: SliceSize = "auto") -> None:
         """Compute attention in chunks of queries, so that its peak memory falls where attention is the peak.
@@ -275,6 +277,8 @@ class Txt2ImgPipeline:
         target = resolve_device(device) if device is not None else default_execution_device()
         self.disable_offload()
         store = DiskStore() if target.type == "cpu" else DeviceStore(target)
+        for component in self.components.values():
+            packed_weights.set_module_packing(component, False)  # weights that come and go are not packed
         self._offloader = Offloader(self.components, store, sequential=sequential)
 
     def _call_lock(self) -> Any:

@@ -72,6 +72,12 @@ def _post_hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         state.lock.release()
 
 
+def computes_in_copies(module: nn.Module) -> bool:
+    """Whether ``module``'s weights are, right now, the copies in its compute dtype swapped in for one call."""
+    state = module.__dict__.get(_STATE)
+    return state is not None and bool(state.stored)
+
+
 def set_compute_dtype(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """Compute every layer of ``module`` in ``dtype`` whatever its weights are stored in (``None``: off).
 

@@ -46,6 +46,7 @@ from txt2img.generation import GeneratorArg
 from txt2img.layers import Downsample, ResnetBlock, Upsample
 from txt2img.linear import Linear
 from txt2img.modeling import ModelConfig, ModelMixin
+from txt2img.packed_weights import Conv2d
 from txt2img.schedulers import SchedulerConfig, make_schedule, scale_model_input, step
 from txt2img.text_encoder import PromptEmbeds
 
@@ -332,7 +333,7 @@ class Transformer2D(nn.Module):
         super().__init__()
         self.linear = config.use_linear_projection
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
-        self.proj_in = Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_in = Linear(channels, channels) if self.linear else Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [
                 TransformerBlock(
@@ -345,7 +346,7 @@ class Transformer2D(nn.Module):
                 for _ in range(layers)
             ]
         )
-        self.proj_out = Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_out = Linear(channels, channels) if self.linear else Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -528,7 +529,7 @@ class UNetGenerator(ModelMixin):
         self.config = config
         self.scheduler = scheduler or SchedulerConfig.from_dict(DEFAULT_SCHEDULER)
         c0 = config.block_out_channels[0]
-        self.conv_in = nn.Conv2d(
+        self.conv_in = Conv2d(
             config.in_channels, c0, config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2
         )
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim, config.timestep_post_act)
@@ -539,7 +540,7 @@ class UNetGenerator(ModelMixin):
         self.mid_block = MidBlock(config) if config.mid_block_type is not None else None
         self.up_blocks = nn.ModuleList([UpBlock(i, config) for i in range(len(config.block_out_channels))])
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, c0, eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(
+        self.conv_out = Conv2d(
             c0, config.out_channels, config.conv_out_kernel, padding=(config.conv_out_kernel - 1) // 2
         )
 

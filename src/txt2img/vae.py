@@ -24,6 +24,7 @@ from torch import nn
 from txt2img.attention import SpatialSelfAttention
 from txt2img.layers import Downsample, ResnetBlock, Upsample
 from txt2img.modeling import ModelConfig, ModelMixin
+from txt2img.packed_weights import Conv2d
 from txt2img.vae_tiling import DecodeTiling
 
 
@@ -188,7 +189,7 @@ class Decoder(nn.Module):
         super().__init__()
         channels = list(reversed(config.block_out_channels))  # lowest resolution first
         groups = config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], 3, padding=1)
         self.mid_block = MidBlock(
             channels[0], norm_groups=groups, add_attention=config.mid_block_add_attention
         )
@@ -205,7 +206,7 @@ class Decoder(nn.Module):
             ]
         )
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -221,7 +222,7 @@ class Encoder(nn.Module):
         super().__init__()
         channels = list(config.block_out_channels)
         groups = config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             [
                 DownBlock(
@@ -238,7 +239,7 @@ class Encoder(nn.Module):
             channels[-1], norm_groups=groups, add_attention=config.mid_block_add_attention
         )
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -275,9 +276,7 @@ class VAEDecoder(DecodeTiling, ModelMixin):
         super().__init__()
         self.config = config
         self.post_quant_conv = (
-            nn.Conv2d(config.latent_channels, config.latent_channels, 1)
-            if config.use_post_quant_conv
-            else None
+            Conv2d(config.latent_channels, config.latent_channels, 1) if config.use_post_quant_conv else None
         )
         self.decoder = Decoder(config)
 
@@ -313,7 +312,7 @@ class VAEEncoder(ModelMixin):
         self.config = config
         self.encoder = Encoder(config)
         channels = 2 * config.latent_channels
-        self.quant_conv = nn.Conv2d(channels, channels, 1) if config.use_quant_conv else None
+        self.quant_conv = Conv2d(channels, channels, 1) if config.use_quant_conv else None
 
     @classmethod
     def config_from_dict(cls, data: dict[str, Any], source: str = "config") -> VAEConfig:

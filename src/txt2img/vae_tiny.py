@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from txt2img.modeling import ModelConfig, ModelMixin
+from txt2img.packed_weights import Conv2d
 from txt2img.vae_tiling import DecodeTiling
 
 #: ``act_fn`` values, as diffusers' ``get_activation`` names them (case-insensitive).
@@ -134,11 +135,11 @@ class TinyBlock(nn.Module):
     def __init__(self, channels: int, activation: type[nn.Module]) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1),
+            Conv2d(channels, channels, 3, padding=1),
             activation(),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            Conv2d(channels, channels, 3, padding=1),
             activation(),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            Conv2d(channels, channels, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,13 +155,13 @@ class TinyDecoder(nn.Module):
         widths, num_stages = config.decoder_block_out_channels, len(config.decoder_block_out_channels)
         factor, mode = config.upsampling_scaling_factor, config.upsample_fn
         # Weightless modules (activations, upsamplers) take a position too: the numbering is diffusers'.
-        layers: list[nn.Module] = [nn.Conv2d(config.latent_channels, widths[0], 3, padding=1), activation()]
+        layers: list[nn.Module] = [Conv2d(config.latent_channels, widths[0], 3, padding=1), activation()]
         for i, (width, num_blocks) in enumerate(zip(widths, config.num_decoder_blocks)):
             last = i == num_stages - 1
             layers += [TinyBlock(width, activation) for _ in range(num_blocks)]
             if not last:
                 layers.append(nn.Upsample(scale_factor=factor, mode=mode))
-            layers.append(nn.Conv2d(width, config.out_channels if last else width, 3, padding=1, bias=last))
+            layers.append(Conv2d(width, config.out_channels if last else width, 3, padding=1, bias=last))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
