@@ -2,8 +2,9 @@
 
 - ``txt2img.linear``: linear layers as oneDNN 1 × 1 convolutions (``"onednn"``) or ``F.linear`` (``"blas"``),
   timed on the text encoder and the UNet alone;
-- ``txt2img.packed_weights``: convolution (and those linear layers') weights kept in oneDNN's layout between
-  calls or reordered on every call, timed on the text encoder, the UNet and the VAE decoder alone;
+- ``txt2img.packed_weights``: the weights of convolutions on small maps kept in oneDNN's layout between calls
+  or reordered on every call, timed on the text encoder, the UNet and the VAE decoder alone (the linear
+  layers' rows with packing off, so that each row shows one switch), and the memory the packed copies add;
 - ``txt2img.allocator``: freed memory reused within a call or not, timed end to end (prompt → ``np`` image).
 
 Uses the SD-Turbo-size random-weight pipeline of ``compare_diffusers.py`` (built once, cached). The numbers

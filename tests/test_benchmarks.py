@@ -62,7 +62,15 @@ def test_cpu_switches_tiny_prints_its_table() -> None:
     out = run_script("cpu_switches.py", "--tiny", "--size", "64", "--runs", "1")
     assert "| switch | timed | off | on | on / off |" in out
     assert "| linear layers as oneDNN convolutions | UNet |" in out
+    assert "| weights kept packed for oneDNN | UNet |" in out
     assert "| freed memory reused within a call | end to end |" in out
+    assert "Resident memory added by the packed weights" in out
+
+
+def test_packed_conv_tiny_prints_its_table() -> None:
+    out = run_script("packed_conv.py", "--tiny", "--runs", "1")
+    assert "| channels | map | GFLOP | reordered every call | packed once | packed / reordered |" in out
+    assert "| 32 | 8 × 8 |" in out and "| 16 | 16 × 16 |" in out
 
 
 @pytest.mark.skipif(find_cpp_compiler() is None, reason="no C++ compiler for Inductor")

@@ -4,8 +4,8 @@ PyTorch runs float32 convolutions on CPUs through oneDNN, which computes from we
 its own: ``F.conv2d`` reorders the weight into that layout on every call, reading and writing all of it. On
 large maps the reorder is small beside the convolution; on small ones it is not. A 3 × 3 convolution with
 1,280 channels on Stable Diffusion's 8 × 8 latent map does 1.9 GFLOP of work on 59 MB of weights: on a 2-core
-CPU it took 35 ms with the reorder and 8 ms with the weight already reordered (16 × 16: 59 and 38 ms; from
-32 × 32 on, no difference). ``Conv2d`` keeps the reordered copy (PyTorch's ``mkldnn_reorder_conv2d_weight``,
+CPU it took 31 ms with the reorder and 8 ms with the weight already reordered (16 × 16: 54 and 32 ms; from
+32 × 32 on, within 4%; ``python benchmarks/packed_conv.py``). ``Conv2d`` keeps the reordered copy (PyTorch's ``mkldnn_reorder_conv2d_weight``,
 what ``torch.compile`` uses when it freezes weights) and reuses it while neither the weight nor the input's
 shape changes.
 
@@ -36,8 +36,9 @@ from txt2img import memory, precision
 logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 16 * 16
-"""Largest input (batch × height × width) whose convolutions keep their weights packed: the reorder costs as
-much as the work on 8 × 8 maps, a third of it on 16 × 16 ones, nothing measurable from 32 × 32 on."""
+"""Largest input (batch × height × width) whose convolutions keep their weights packed: the reorder takes
+nearly three times as long as the work on the UNet's 8 × 8 maps, two thirds as long on 16 × 16 ones, and
+under 4% of a call from 32 × 32 on."""
 
 MIN_AVAILABLE_AFTER = 4 * 2**30
 """Bytes of memory (``txt2img.memory.available_cpu_memory``) that must stay available after packing a weight:
