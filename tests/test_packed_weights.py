@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +201,25 @@ def test_a_layer_built_in_inference_mode_packs_too() -> None:
         actual = conv(x)
         assert conv.weight_pack.tensor is not None
         torch.testing.assert_close(actual, F.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_threads_calling_one_layer_with_different_shapes_get_right_results() -> None:
+    conv = make_conv()
+    inputs = [channels_last(torch.randn(1, 8, side, side)) for side in (5, 6, 7)]
+    with torch.inference_mode():
+        expected = [F.conv2d(x, conv.weight, conv.bias, padding=1) for x in inputs]
+    errors: list[str] = []
+
+    def work(offset: int) -> None:
+        with torch.inference_mode():
+            for i in range(60):
+                k = (i + offset) % len(inputs)
+                if not torch.allclose(conv(inputs[k]), expected[k], atol=1e-5):
+                    errors.append(f"call {i}, input {k}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors

@@ -80,18 +80,31 @@ def _available() -> bool:
 class WeightPack:
     """The oneDNN-layout copy of one weight for one input shape; rebuilt when either changes.
 
-    Deep copies and pickles of a module start with an empty pack (oneDNN tensors cannot be copied).
+    The copy and what it was made for are held as one pair and read once per call, so threads calling one
+    layer with different shapes never see one's copy under the other's key. Deep copies and pickles of a
+    module start with an empty pack (oneDNN tensors cannot be copied).
     """
 
     def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.tensor: torch.Tensor | None = None
+        self.entry: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (what it was made for, the copy)
         # False while the layer's weights come and go (offloading): see set_module_packing.
         self.allowed = True
 
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """The packed copy, if one is held."""
+        entry = self.entry
+        return None if entry is None else entry[1]
+
+    @property
+    def key(self) -> tuple[Any, ...] | None:
+        """(data pointer, version, shape of the weight, input shape, convolution settings) of the copy held."""
+        entry = self.entry
+        return None if entry is None else entry[0]
+
     def clear(self) -> None:
         """Drop the packed copy."""
-        self.key, self.tensor = None, None
+        self.entry = None
 
     def get(
         self, weight: torch.Tensor, input_shape: tuple[int, ...], conv: tuple[Any, ...]
@@ -101,24 +114,28 @@ class WeightPack:
         # A weight made in inference mode counts no versions: for it only a new tensor is noticed.
         version = None if weight.is_inference() else weight._version
         key = (weight.data_ptr(), version, weight.shape, input_shape, conv)
-        if self.key != key or self.tensor is None:
-            self.clear()  # the old copy goes before its replacement is made
-            available = memory.available_cpu_memory()
-            if available is not None and available - weight.nbytes < MIN_AVAILABLE_AFTER:
-                return None
-            padding, stride, dilation, groups = conv
-            # The input size lets oneDNN pick the layout its kernel for that size wants (PyTorch's stub omits it).
-            self.tensor = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
-                weight.detach().contiguous().to_mkldnn(), padding, stride, dilation, groups, list(input_shape)
-            )
-            self.key = key
-        return self.tensor
+        entry = self.entry
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        self.entry = None  # the old copy goes before its replacement is made
+        available = memory.available_cpu_memory()
+        if available is not None and available - weight.nbytes < MIN_AVAILABLE_AFTER:
+            return None
+        padding, stride, dilation, groups = conv
+        # The input size lets oneDNN pick the layout its kernel for that size wants (PyTorch's stub omits it).
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
+            weight.detach().contiguous().to_mkldnn(), padding, stride, dilation, groups, list(input_shape)
+        )
+        self.entry = (key, packed)
+        return packed
 
     def __deepcopy__(self, memo: dict[int, Any]) -> WeightPack:
-        return WeightPack()
+        pack = WeightPack()
+        pack.allowed = self.allowed
+        return pack
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"key": None, "tensor": None, "allowed": self.allowed}
+        return {"entry": None, "allowed": self.allowed}
 
 
 def set_module_packing(module: nn.Module, allowed: bool) -> None:
