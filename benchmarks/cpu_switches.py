@@ -16,7 +16,6 @@ in docs/speed.md come from:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 from compare_diffusers import build_folder, components, generate, header  # benchmarks/, on sys.path
+from memory import status_mib
 
 from txt2img import Txt2ImgPipeline, allocator, linear, packed_weights
 
@@ -41,12 +41,6 @@ def alternate(
             if run >= 0:
                 times[setting].append(time.perf_counter() - start)
     return [statistics.median(times[setting]) for setting in settings]
-
-
-def resident_mib() -> float:
-    """The process's resident memory now (Linux), MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main() -> None:
@@ -70,7 +64,7 @@ def main() -> None:
                 f"| linear layers as oneDNN convolutions | {name} | {off:.3f} | {on:.3f} | {on / off:.2f} |"
             )
         linear.set_cpu_linear_backend(None)
-        unpacked_mib = resident_mib()
+        unpacked_mib = status_mib("VmRSS")
         for name in ("text encoder", "UNet", "VAE decoder"):
             call = calls[name]
             off, on = alternate(
@@ -80,7 +74,7 @@ def main() -> None:
                 f"| weights kept packed for oneDNN | {name} | {off:.3f} | {on:.3f} | {on / off:.2f} |"
             )
     packed_weights.set_cpu_weight_packing(None)
-    packed_mib = resident_mib() - unpacked_mib
+    packed_mib = status_mib("VmRSS") - unpacked_mib
     off, on = alternate(
         allocator.set_memory_reuse, [False, True], lambda run: generate(pipe, 1, args.size, run), args.runs
     )

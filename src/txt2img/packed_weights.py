@@ -5,16 +5,16 @@ its own: ``F.conv2d`` reorders the weight into that layout on every call, readin
 large maps the reorder is small beside the convolution; on small ones it is not. A 3 × 3 convolution with
 1,280 channels on Stable Diffusion's 8 × 8 latent map does 1.9 GFLOP of work on 59 MB of weights: on a 2-core
 CPU it took 31 ms with the reorder and 8 ms with the weight already reordered (16 × 16: 54 and 32 ms; from
-32 × 32 on, within 4%; ``python benchmarks/packed_conv.py``). ``Conv2d`` keeps the reordered copy (PyTorch's ``mkldnn_reorder_conv2d_weight``,
-what ``torch.compile`` uses when it freezes weights) and reuses it while neither the weight nor the input's
-shape changes.
+32 × 32 on, within 4%; ``python benchmarks/packed_conv.py``). ``Conv2d`` keeps the reordered copy
+(PyTorch's ``mkldnn_reorder_conv2d_weight``, what ``torch.compile`` uses when it freezes weights) and reuses
+it while neither the weight nor the input's shape changes.
 
 The cost is memory: a second copy of each weight kept this way, made at its first call. So only convolutions
 of at most ``MAX_PIXELS`` input pixels (all images of the batch together) keep one, where the reorder costs
-most beside the work: for Stable Diffusion's UNet at 512 × 512 those on its 16 × 16 and 8 × 8 maps, which hold
-most of its convolution weights. A weight is packed only while at least ``MIN_AVAILABLE_AFTER`` bytes of memory stay
-available afterwards, so packing never takes the memory a call's activations need; a layer left unpacked runs
-as before. Packing applies to float32 inference on CPUs with channels-last inputs; training, other devices and
+most beside the work: for Stable Diffusion's UNet at 512 × 512 those on its 16 × 16 and 8 × 8 maps, which
+hold most of its convolution weights. A weight is packed only while at least ``MIN_AVAILABLE_AFTER`` bytes of
+memory stay available afterwards, so packing never takes the memory a call's activations need; a layer left
+unpacked runs as before. Packing applies to float32 inference on CPUs with channels-last inputs; training, other devices and
 dtypes, and code being compiled always take ``F.conv2d``.
 
 Turn it off with ``set_cpu_weight_packing(False)`` or the environment variable
@@ -23,6 +23,7 @@ Turn it off with ``set_cpu_weight_packing(False)`` or the environment variable
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, cast
@@ -69,11 +70,16 @@ def cpu_weight_packing() -> bool:
         return _requested and not _broken
     value = os.environ.get("TXT2IMG_CPU_PACK_WEIGHTS", "1")
     if value not in ("0", "1"):
-        raise ValueError(f"TXT2IMG_CPU_PACK_WEIGHTS must be 0 or 1; got {value!r}.")
+        raise ValueError(
+            f"TXT2IMG_CPU_PACK_WEIGHTS must be 0 or 1; got {value!r}. Set it to 0 to turn packing off, to 1 or "
+            "unset to keep it on."
+        )
     return value == "1" and not _broken
 
 
+@functools.cache
 def _available() -> bool:
+    """Whether this PyTorch build has oneDNN and the packed-weight convolution (asked once per process)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
@@ -184,22 +190,12 @@ def packed_conv2d(
         return out
 
 
-def packing_active(layer: Conv2d) -> bool:
-    """Whether ``layer`` (one with a ``weight_pack``) may use its weight packed now: packing switched on,
-    allowed for the layer and supported by this build, no code being compiled, and the weight the layer's own.
-    A copy made for one call (``txt2img.precision``'s float32 copy of a half-precision weight) is never packed:
-    its packed copy would outlive it."""
-    return (
-        layer.weight_pack.allowed
-        and cpu_weight_packing()
-        and not torch.compiler.is_compiling()
-        and not precision.computes_in_copies(layer)
-        and _available()
-    )
-
-
 def use_packed(x: torch.Tensor, module: Conv2d) -> bool:
-    """Whether ``module``'s convolution of ``x`` (B, C, H, W) should use its packed weight."""
+    """Whether ``module``'s convolution of ``x`` (B, C, H, W) should use its packed weight: float32 inference
+    on a CPU, a small channels-last input, packing switched on, allowed for the layer and supported by this
+    build, no code being compiled, and the weight the layer's own. A copy made for one call
+    (``txt2img.precision``'s float32 copy of a half-precision weight) is never packed: its packed copy would
+    outlive it."""
     return (
         x.device.type == "cpu"
         and x.dtype == module.weight.dtype == torch.float32
@@ -209,7 +205,11 @@ def use_packed(x: torch.Tensor, module: Conv2d) -> bool:
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
         and not torch.is_grad_enabled()
-        and packing_active(module)
+        and module.weight_pack.allowed
+        and cpu_weight_packing()
+        and not torch.compiler.is_compiling()
+        and not precision.computes_in_copies(module)
+        and _available()
     )
 
 
