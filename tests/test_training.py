@@ -230,6 +230,53 @@ def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> Non
     assert fresh.step == 8
 
 
+def test_gan_pixel_discriminator_sees_decoded_sub_batches_and_trains_the_generator(tmp_path: Path) -> None:
+    recipe = ShapesRecipe.tiny()
+    encoder = build_text_encoder(vocabulary(), recipe.text)
+    clip = LatentCLIP(encoder, 4, 16).eval().requires_grad_(False)
+    gan_config = dataclasses.replace(
+        recipe.gan, text_dim=32, pooled_dim=32, channels=(32, 16, 8), attention=(True, False, False)
+    )
+    training = GANTrainingConfig(
+        steps=3, batch_size=8, sample_every=0, checkpoint_every=3, pixel_weight=1.0, pixel_batch=3, r1_every=2
+    )
+    with pytest.raises(ValueError, match="no image_size"):
+        make_state(GANGenerator(gan_config), training, size=16)
+    torch.manual_seed(0)
+    state = make_state(GANGenerator(gan_config), training, size=16, image_size=32)
+    assert state.pixel_discriminator is not None
+    caption = "a large red circle in the center on a blue background"
+
+    def batches():
+        while True:
+            yield torch.randn(8, 4, 16, 16), [caption] * 8
+
+    with pytest.raises(ValueError, match="no decode function"):
+        train_gan(state, training, batches(), clip, progress=False)
+    decoded: list[tuple[int, bool]] = []
+    gradients: list[torch.Tensor] = []  # what reaches the decoded fakes: only the generator's pixel loss
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:  # a fixed "decoder": 2x upsampling of 3 channels
+        decoded.append((latents.shape[0], latents.requires_grad))
+        images = torch.tanh(torch.nn.functional.interpolate(latents[:, :3], scale_factor=2.0))
+        if images.requires_grad:
+            images.register_hook(gradients.append)
+        return images
+
+    before = {k: v.clone() for k, v in state.pixel_discriminator.state_dict().items()}
+    train_gan(state, training, batches(), clip, decode=decode, out_dir=tmp_path, progress=False)
+    # every step decodes pixel_batch reals without gradients and pixel_batch fakes with them ...
+    assert decoded == [(3, False), (3, True)] * 3
+    # ... and the generator's update backpropagates through those fakes
+    assert len(gradients) == 3 and all(g.shape == (3, 3, 32, 32) and g.abs().sum() > 0 for g in gradients)
+    assert all(not torch.equal(v, before[k]) for k, v in state.pixel_discriminator.state_dict().items())
+    fresh = make_state(GANGenerator(gan_config), training, size=16, image_size=32)
+    fresh.load(tmp_path / "checkpoint")
+    assert fresh.pixel_discriminator is not None
+    for k, v in state.pixel_discriminator.state_dict().items():
+        assert torch.equal(fresh.pixel_discriminator.state_dict()[k], v)
+
+
 def test_gan_hard_negatives_come_from_negative_captions(tmp_path: Path) -> None:
     recipe = ShapesRecipe.tiny()
     encoder = build_text_encoder(vocabulary(), recipe.text)

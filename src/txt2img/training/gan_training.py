@@ -8,6 +8,10 @@ The recipe, with where each part comes from:
 - differentiable augmentation of reals and fakes alike (Zhao et al. 2020), limited to what keeps a caption
   true: shifts of at most ``augment_shift`` latent pixels and additive noise;
 - a text–latent similarity loss for the generator from the frozen latent CLIP (GigaGAN's CLIP loss);
+- optionally (``pixel_weight`` > 0), a second projection discriminator on images decoded by the frozen VAE
+  decoder, for a sub-batch of each step: it judges what the latent one cannot weigh, the pixels a small
+  error in the latent changes (a square's corners), and its gradient reaches the generator through the
+  decoder;
 - an exponential moving average of the generator's weights: the EMA weights are the ones shipped.
 """
 
@@ -48,6 +52,11 @@ class GANTrainingConfig:
     augment_shift: Largest shift in latent pixels.
     augment_noise: Std of the noise added to every discriminator input.
     discriminator_width: Channels of the discriminator's first stage (doubled at each of its two stages).
+    pixel_weight: Weight of the pixel-space discriminator's losses, for it and for the generator (0: no such
+        discriminator, and no decoding during training).
+    pixel_batch: Samples of each step decoded for the pixel-space discriminator (the first of the batch).
+    pixel_discriminator_width: Channels of the pixel-space discriminator's first stage (doubled at each of
+        its three stages).
     sample_every: Write a sample grid every this many steps (0: never).
     checkpoint_every: Write a checkpoint every this many steps (0: never).
     """
@@ -66,6 +75,9 @@ class GANTrainingConfig:
     augment_shift: int = 1
     augment_noise: float = 0.05
     discriminator_width: int = 64
+    pixel_weight: float = 0.0
+    pixel_batch: int = 16
+    pixel_discriminator_width: int = 16
     sample_every: int = 500
     checkpoint_every: int = 500
 
@@ -89,21 +101,32 @@ class DiscriminatorBlock(nn.Module):
 
 
 class ProjectionDiscriminator(nn.Module):
-    """Latents (B, C, S, S) and pooled text (B, text_dim) → one logit per sample (B,).
+    """Latents or images (B, C, S, S) and pooled text (B, text_dim) → one logit per sample (B,).
 
-    The final features keep their spatial layout (flattened, not pooled), so the discriminator can check
-    where things are as well as what they are.
+    ``stages`` blocks each halve the side and double the channels (``width`` first). The final features keep
+    their spatial layout (flattened, not pooled), so the discriminator can check where things are as well as
+    what they are.
     """
 
     def __init__(
-        self, latent_channels: int, text_dim: int, size: int, width: int = 64, features: int = 256
+        self,
+        latent_channels: int,
+        text_dim: int,
+        size: int,
+        width: int = 64,
+        features: int = 256,
+        stages: int = 2,
     ) -> None:
         super().__init__()
+        if size % 2**stages:
+            raise ValueError(
+                f"ProjectionDiscriminator: size {size} is not divisible by 2**stages = {2**stages}."
+            )
         self.from_latent = nn.Conv2d(latent_channels, width, 1)
         self.blocks = nn.Sequential(
-            DiscriminatorBlock(width, width * 2), DiscriminatorBlock(width * 2, width * 4)
+            *(DiscriminatorBlock(width * 2**i, width * 2 ** (i + 1)) for i in range(stages))
         )
-        self.to_features = nn.Linear(width * 4 * (size // 4) ** 2, features)
+        self.to_features = nn.Linear(width * 2**stages * (size // 2**stages) ** 2, features)
         self.out = nn.Linear(features, 1)
         self.embed_text = nn.Linear(text_dim, features)
 
@@ -169,7 +192,10 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 @dataclasses.dataclass
 class GANTrainingState:
-    """What a training run holds: the networks, their optimizers and the step reached."""
+    """What a training run holds: the networks, their optimizers and the step reached.
+
+    ``opt_d`` steps both discriminators; ``pixel_discriminator`` is ``None`` unless ``pixel_weight`` > 0.
+    """
 
     generator: GANGenerator
     generator_ema: GANGenerator
@@ -177,6 +203,7 @@ class GANTrainingState:
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     step: int = 0
+    pixel_discriminator: ProjectionDiscriminator | None = None
 
     def save(self, folder: str | os.PathLike) -> None:
         save_checkpoint(
@@ -193,25 +220,63 @@ class GANTrainingState:
         self.step = int(extra["step"])
 
     def _modules(self) -> dict[str, nn.Module]:
-        return {
+        modules: dict[str, nn.Module] = {
             "generator": self.generator,
             "generator_ema": self.generator_ema,
             "discriminator": self.discriminator,
         }
+        if self.pixel_discriminator is not None:
+            modules["pixel_discriminator"] = self.pixel_discriminator
+        return modules
 
 
-def make_state(generator: GANGenerator, training: GANTrainingConfig, *, size: int) -> GANTrainingState:
-    """Fresh networks and optimizers around ``generator`` (Adam, β = (0, 0.99), as StyleGAN2)."""
+def make_state(
+    generator: GANGenerator,
+    training: GANTrainingConfig,
+    *,
+    size: int,
+    image_size: int | None = None,
+    image_channels: int = 3,
+) -> GANTrainingState:
+    """Fresh networks and optimizers around ``generator`` (Adam, β = (0, 0.99), as StyleGAN2).
+
+    Args:
+        generator: The generator to train.
+        training: Hyper-parameters (the discriminators' widths, learning rates, ``pixel_weight``).
+        size: Side of the latents, in latent pixels.
+        image_size: Side of the decoded images; required when ``training.pixel_weight`` > 0.
+        image_channels: Channels of the decoded images.
+
+    Returns:
+        The state at step 0.
+
+    Raises:
+        ValueError: ``training.pixel_weight`` > 0 without ``image_size``.
+    """
     config = generator.config
     discriminator = ProjectionDiscriminator(
         config.latent_channels, config.pooled_dim, size, width=training.discriminator_width
     )
+    pixel_discriminator = None
+    if training.pixel_weight > 0:
+        if image_size is None:
+            raise ValueError(
+                f"GANTrainingConfig.pixel_weight is {training.pixel_weight}, but make_state got no image_size "
+                "for the pixel-space discriminator: pass the decoded images' side, or set pixel_weight to 0."
+            )
+        pixel_discriminator = ProjectionDiscriminator(
+            image_channels, config.pooled_dim, image_size, width=training.pixel_discriminator_width, stages=3
+        ).train()
+    d_parameters = [*discriminator.parameters()]
+    if pixel_discriminator is not None:
+        d_parameters += pixel_discriminator.parameters()
     return GANTrainingState(
         generator=generator.train(),
         generator_ema=copy.deepcopy(generator).eval().requires_grad_(False),
         discriminator=discriminator.train(),
         opt_g=torch.optim.Adam(generator.parameters(), lr=training.lr_g, betas=(0.0, 0.99)),
-        opt_d=torch.optim.Adam(discriminator.parameters(), lr=training.lr_d, betas=(0.0, 0.99)),
+        opt_d=torch.optim.Adam(d_parameters, lr=training.lr_d, betas=(0.0, 0.99)),
+        pixel_discriminator=pixel_discriminator,
     )
 
 
@@ -225,6 +290,7 @@ def train_gan(
     out_dir: str | os.PathLike | None = None,
     sample_fn: Callable[[GANGenerator, Path], None] | None = None,
     negative_captions: Callable[[list[str]], list[str]] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> GANTrainingState:
     """Train until ``training.steps``, resuming from ``state.step``.
@@ -244,6 +310,9 @@ def train_gan(
         sample_fn: Writes a sample grid for the EMA generator into the given PNG path.
         negative_captions: Captions that must not match their images, one per caption given; required when
             ``training.hard_negative_fraction`` > 0 (the recipe's: ``shapes.swap_shape``).
+        decode: The frozen VAE decoder: scaled latents (B, C, S, S) → images (B, 3, H, W) in [-1, 1], with
+            gradients to its input; required when ``training.pixel_weight`` > 0 (the recipe's:
+            ``VAEDecoder.decode``).
         progress: Show a tqdm bar with the running losses.
 
     Returns:
@@ -254,19 +323,33 @@ def train_gan(
             f"GANTrainingConfig.hard_negative_fraction is {training.hard_negative_fraction}, but train_gan got "
             "no negative_captions function to make the hard negatives: pass one, or set the fraction to 0."
         )
+    pd = state.pixel_discriminator
+    if training.pixel_weight > 0 and (pd is None or decode is None):
+        missing = "no decode function" if decode is None else "a state without a pixel discriminator"
+        raise ValueError(
+            f"GANTrainingConfig.pixel_weight is {training.pixel_weight}, but train_gan got {missing}: pass the "
+            "frozen VAE decoder's decode and a state made by make_state with this config, or set pixel_weight "
+            "to 0."
+        )
     hard_count = round(training.batch_size * training.hard_negative_fraction)
     torch.manual_seed(distributed.rank_seed(seed) + state.step)
     rng = torch.Generator().manual_seed(distributed.rank_seed(seed) + 1 + state.step)
     out = Path(out_dir) if out_dir is not None and distributed.is_main_process() else None
     g, d = state.generator, state.discriminator
     run_g, run_d = distributed.data_parallel(g), distributed.data_parallel(d)  # plain calls in one process
+    run_pd = distributed.data_parallel(pd) if pd is not None and training.pixel_weight > 0 else None
     progress = progress and distributed.is_main_process()
     text_encoder = clip.text_encoder
     decay = 0.5 ** (training.batch_size / training.ema_half_life)
 
-    def aug(x: torch.Tensor) -> torch.Tensor:
+    def aug(x: torch.Tensor, factor: int = 1) -> torch.Tensor:
+        """Augment latents, or images ``factor`` times their side (shifts by as many latent pixels)."""
         return augment(
-            x, rng, p=training.augment_p, max_shift=training.augment_shift, noise=training.augment_noise
+            x,
+            rng,
+            p=training.augment_p,
+            max_shift=training.augment_shift * factor,
+            noise=training.augment_noise,
         )
 
     bar = tqdm(
@@ -298,10 +381,31 @@ def train_gan(
         fake_logits = run_d(d, aug(fake.detach()), text.pooled)
         mismatch_logits = run_d(d, aug(real), mismatched_pooled)
         loss_d = d_hinge_loss(real_logits, fake_logits, mismatch_logits, training.mismatch_weight)
-        if training.r1_every > 0 and step % training.r1_every == 0:
+        r1_step = training.r1_every > 0 and step % training.r1_every == 0
+        if r1_step:
             real_in = aug(real).detach().requires_grad_(True)
             penalty = r1_penalty(run_d(d, real_in, text.pooled), real_in)
             loss_d = loss_d + training.r1_gamma / 2 * penalty * training.r1_every
+        if run_pd is not None and pd is not None and decode is not None:
+            # The same losses on the first pixel_batch samples decoded: reals without gradients, fakes
+            # with them, kept for the generator's update.
+            n = training.pixel_batch
+            with torch.no_grad():
+                real_px = decode(real[:n])
+            fake_px = decode(fake[:n])
+            factor = real_px.shape[-1] // real.shape[-1]
+            pooled = text.pooled[:n]
+            loss_px = d_hinge_loss(
+                run_pd(pd, aug(real_px, factor), pooled),
+                run_pd(pd, aug(fake_px.detach(), factor), pooled),
+                run_pd(pd, aug(real_px, factor), mismatched_pooled[:n]),
+                training.mismatch_weight,
+            )
+            if r1_step:
+                real_in = aug(real_px, factor).detach().requires_grad_(True)
+                penalty = r1_penalty(run_pd(pd, real_in, pooled), real_in)
+                loss_px = loss_px + training.r1_gamma / 2 * penalty * training.r1_every
+            loss_d = loss_d + training.pixel_weight * loss_px
         state.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         state.opt_d.step()
@@ -313,14 +417,23 @@ def train_gan(
             clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions)
         )
         loss_g = loss_adv + training.clip_weight * loss_clip
+        if run_pd is not None and pd is not None:
+            pd.requires_grad_(False)
+            loss_adv_px = g_hinge_loss(pd(aug(fake_px, factor), pooled))
+            loss_g = loss_g + training.pixel_weight * loss_adv_px
         state.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         state.opt_g.step()
         d.requires_grad_(True)
+        if pd is not None:
+            pd.requires_grad_(True)
 
         update_ema(state.generator_ema, g, decay)
         state.step = step + 1
-        bar.set_postfix(d=f"{loss_d.item():.3f}", g=f"{loss_adv.item():.3f}", clip=f"{loss_clip.item():.3f}")
+        losses = {"d": loss_d, "g": loss_adv, "clip": loss_clip}
+        if run_pd is not None:
+            losses["g_px"] = loss_adv_px
+        bar.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
         if (
             out is not None
             and sample_fn is not None

@@ -296,7 +296,13 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         pooled_dim=recipe.text.hidden_size,
     )
     torch.manual_seed(recipe.seed)
-    state = make_state(GANGenerator(gan_config), recipe.gan_training, size=pool.latents.shape[-1])
+    state = make_state(
+        GANGenerator(gan_config),
+        recipe.gan_training,
+        size=pool.latents.shape[-1],
+        image_size=recipe.vae.sample_size,
+        image_channels=recipe.vae.out_channels,
+    )
     if resume and (out / "checkpoint").is_dir():
         state.load(out / "checkpoint")
     sample_noise = torch.randn(
@@ -324,6 +330,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         out_dir=out,
         sample_fn=write_samples,
         negative_captions=lambda captions: [shapes.swap_shape(c, negative_rng) for c in captions],
+        decode=decoder.eval().requires_grad_(False).decode,
         progress=progress,
     )
     timings["gan"] = time.perf_counter() - start
