@@ -253,11 +253,16 @@ def test_gan_pixel_discriminator_sees_decoded_sub_batches_and_trains_the_generat
 
     with pytest.raises(ValueError, match="no decode function"):
         train_gan(state, training, batches(), clip, progress=False)
+    plain = make_state(GANGenerator(gan_config), dataclasses.replace(training, pixel_weight=0.0), size=16)
+    with pytest.raises(ValueError, match="a state without a pixel discriminator"):
+        train_gan(plain, training, batches(), clip, decode=lambda x: x, progress=False)
+    with pytest.raises(ValueError, match="made for"):  # images of another size than make_state was told
+        train_gan(state, training, batches(), clip, decode=lambda x: torch.tanh(x[:, :3]), progress=False)
     decoded: list[tuple[int, bool]] = []
     gradients: list[torch.Tensor] = []  # what reaches the decoded fakes: only the generator's pixel loss
 
     def decode(latents: torch.Tensor) -> torch.Tensor:  # a fixed "decoder": 2x upsampling of 3 channels
-        decoded.append((latents.shape[0], latents.requires_grad))
+        decoded.append((latents.shape[0], torch.is_grad_enabled()))
         images = torch.tanh(torch.nn.functional.interpolate(latents[:, :3], scale_factor=2.0))
         if images.requires_grad:
             images.register_hook(gradients.append)
@@ -269,12 +274,17 @@ def test_gan_pixel_discriminator_sees_decoded_sub_batches_and_trains_the_generat
     assert decoded == [(3, False), (3, True)] * 3
     # ... and the generator's update backpropagates through those fakes
     assert len(gradients) == 3 and all(g.shape == (3, 3, 32, 32) and g.abs().sum() > 0 for g in gradients)
+    assert all(p.requires_grad for p in state.pixel_discriminator.parameters())  # unfrozen after each step
     assert all(not torch.equal(v, before[k]) for k, v in state.pixel_discriminator.state_dict().items())
     fresh = make_state(GANGenerator(gan_config), training, size=16, image_size=32)
     fresh.load(tmp_path / "checkpoint")
     assert fresh.pixel_discriminator is not None
     for k, v in state.pixel_discriminator.state_dict().items():
         assert torch.equal(fresh.pixel_discriminator.state_dict()[k], v)
+    assert len(fresh.opt_d.state_dict()["state"]) == len(list(state.opt_d.param_groups[0]["params"]))
+    # a run with other settings does not resume from it
+    with pytest.raises(ValueError, match="holds the modules"):
+        plain.load(tmp_path / "checkpoint")
 
 
 def test_gan_hard_negatives_come_from_negative_captions(tmp_path: Path) -> None:

@@ -60,6 +60,7 @@ def load_checkpoint(
 
     Raises:
         OSError: the folder or one of its files is missing.
+        ValueError: the checkpoint holds other modules than ``modules`` (a run with other settings).
     """
     from safetensors.torch import load_file
 
@@ -68,6 +69,12 @@ def load_checkpoint(
         raise OSError(f"{folder} is not a txt2img training checkpoint (tensors.safetensors + state.json).")
     tensors = load_file(str(folder / "tensors.safetensors"))
     meta = json.loads((folder / "state.json").read_text())
+    saved = {key.split(".", 2)[1] for key in tensors if key.startswith("module.")}
+    if saved != set(modules):
+        raise ValueError(
+            f"{folder} holds the modules {sorted(saved)}, but this run has {sorted(modules)}: resume with the "
+            "settings the checkpoint was written with, or start the run in another folder."
+        )
     for name, module in modules.items():
         prefix = f"module.{name}."
         module.load_state_dict(

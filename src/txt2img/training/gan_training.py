@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,9 +53,11 @@ class GANTrainingConfig:
     augment_shift: Largest shift in latent pixels.
     augment_noise: Std of the noise added to every discriminator input.
     discriminator_width: Channels of the discriminator's first stage (doubled at each of its two stages).
-    pixel_weight: Weight of the pixel-space discriminator's losses, for it and for the generator (0: no such
-        discriminator, and no decoding during training).
-    pixel_batch: Samples of each step decoded for the pixel-space discriminator (the first of the batch).
+    pixel_weight: Weight of the pixel-space discriminator's adversarial loss in the generator's (0: no such
+        discriminator, and no decoding during training). Its own loss is added with the same weight, which
+        Adam's scale-free steps make immaterial to it.
+    pixel_batch: Samples of each step decoded for the pixel-space discriminator: the first of the batch,
+        whose mismatched captions are the hard negatives first.
     pixel_discriminator_width: Channels of the pixel-space discriminator's first stage (doubled at each of
         its three stages).
     sample_every: Write a sample grid every this many steps (0: never).
@@ -106,6 +109,17 @@ class ProjectionDiscriminator(nn.Module):
     ``stages`` blocks each halve the side and double the channels (``width`` first). The final features keep
     their spatial layout (flattened, not pooled), so the discriminator can check where things are as well as
     what they are.
+
+    Args:
+        latent_channels: Channels C of its input (latents, or images for a pixel-space discriminator).
+        text_dim: Size of the pooled text embedding.
+        size: Side S of its input; divisible by ``2**stages``.
+        width: Channels of the first stage.
+        features: Size of the final feature vector the text is projected onto.
+        stages: Downsampling blocks.
+
+    Raises:
+        ValueError: ``size`` not divisible by ``2**stages``.
     """
 
     def __init__(
@@ -120,8 +134,10 @@ class ProjectionDiscriminator(nn.Module):
         super().__init__()
         if size % 2**stages:
             raise ValueError(
-                f"ProjectionDiscriminator: size {size} is not divisible by 2**stages = {2**stages}."
+                f"ProjectionDiscriminator: an input side of {size} is not divisible by 2**stages = {2**stages}; "
+                "give a side that is, or fewer stages."
             )
+        self.input_shape = (latent_channels, size, size)
         self.from_latent = nn.Conv2d(latent_channels, width, 1)
         self.blocks = nn.Sequential(
             *(DiscriminatorBlock(width * 2**i, width * 2 ** (i + 1)) for i in range(stages))
@@ -145,6 +161,49 @@ def d_hinge_loss(
 ) -> torch.Tensor:
     """Hinge loss of the discriminator: reals above +1; fakes and mismatched reals below -1."""
     return F.relu(1 - real).mean() + F.relu(1 + fake).mean() + mismatch_weight * F.relu(1 + mismatched).mean()
+
+
+def discriminator_loss(
+    run: Callable[..., torch.Tensor],
+    d: ProjectionDiscriminator,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    pooled: torch.Tensor,
+    mismatched: torch.Tensor,
+    augment_fn: Callable[[torch.Tensor], torch.Tensor],
+    training: GANTrainingConfig,
+    *,
+    r1: bool,
+) -> torch.Tensor:
+    """One discriminator's loss: the hinge loss on augmented reals, fakes (detached) and reals under
+    mismatched captions, each its own pass (smaller activations than one concatenated batch), plus, when
+    ``r1``, the lazy R1 penalty on a separate pass over reals.
+
+    Args:
+        run: Calls the discriminator: ``run(d, inputs, pooled)`` (``d`` itself, or its data-parallel wrapper).
+        d: The discriminator.
+        real: Real inputs (B, C, S, S).
+        fake: Generated inputs (B, C, S, S); detached here.
+        pooled: Pooled text of the true captions (B, text_dim).
+        mismatched: Pooled text of mismatched captions (B, text_dim).
+        augment_fn: The differentiable augmentation applied to every input.
+        training: Supplies ``mismatch_weight``, ``r1_gamma`` and ``r1_every``.
+        r1: Whether this step adds the R1 penalty (scaled by ``r1_every``).
+
+    Returns:
+        The scalar loss.
+    """
+    loss = d_hinge_loss(
+        run(d, augment_fn(real), pooled),
+        run(d, augment_fn(fake.detach()), pooled),
+        run(d, augment_fn(real), mismatched),
+        training.mismatch_weight,
+    )
+    if r1:
+        real_in = augment_fn(real).detach().requires_grad_(True)
+        penalty = r1_penalty(run(d, real_in, pooled), real_in)
+        loss = loss + training.r1_gamma / 2 * penalty * training.r1_every
+    return loss
 
 
 def g_hinge_loss(fake: torch.Tensor) -> torch.Tensor:
@@ -310,34 +369,45 @@ def train_gan(
         sample_fn: Writes a sample grid for the EMA generator into the given PNG path.
         negative_captions: Captions that must not match their images, one per caption given; required when
             ``training.hard_negative_fraction`` > 0 (the recipe's: ``shapes.swap_shape``).
-        decode: The frozen VAE decoder: scaled latents (B, C, S, S) → images (B, 3, H, W) in [-1, 1], with
-            gradients to its input; required when ``training.pixel_weight`` > 0 (the recipe's:
+        decode: The frozen VAE decoder: scaled latents (B, C, S, S) → images (B, image_channels, H, W) in
+            [-1, 1], with gradients to its input; required when ``training.pixel_weight`` > 0 (the recipe's:
             ``VAEDecoder.decode``).
         progress: Show a tqdm bar with the running losses.
 
     Returns:
         ``state``, trained.
+
+    Raises:
+        ValueError: hard negatives asked for without ``negative_captions``; ``pixel_weight`` > 0 without
+            ``decode``, with a state that has no pixel discriminator or with ``pixel_batch`` < 1; ``decode``
+            returning images of another shape than the pixel discriminator was made for.
     """
     if training.hard_negative_fraction > 0 and negative_captions is None:
         raise ValueError(
             f"GANTrainingConfig.hard_negative_fraction is {training.hard_negative_fraction}, but train_gan got "
             "no negative_captions function to make the hard negatives: pass one, or set the fraction to 0."
         )
-    pd = state.pixel_discriminator
-    if training.pixel_weight > 0 and (pd is None or decode is None):
-        missing = "no decode function" if decode is None else "a state without a pixel discriminator"
-        raise ValueError(
-            f"GANTrainingConfig.pixel_weight is {training.pixel_weight}, but train_gan got {missing}: pass the "
-            "frozen VAE decoder's decode and a state made by make_state with this config, or set pixel_weight "
-            "to 0."
-        )
+    pixels = None  # (pixel discriminator, its data-parallel wrapper, decode) when pixel_weight > 0
+    if training.pixel_weight > 0:
+        pd = state.pixel_discriminator
+        if pd is None or decode is None or training.pixel_batch < 1:
+            missing = [
+                *(["no decode function"] if decode is None else []),
+                *(["a state without a pixel discriminator"] if pd is None else []),
+                *([f"pixel_batch {training.pixel_batch}"] if training.pixel_batch < 1 else []),
+            ]
+            raise ValueError(
+                f"GANTrainingConfig.pixel_weight is {training.pixel_weight}, but train_gan got "
+                f"{' and '.join(missing)}: pass the frozen VAE decoder's decode, a state made by make_state "
+                "with this config and a pixel_batch of 1 or more, or set pixel_weight to 0."
+            )
+        pixels = (pd, distributed.data_parallel(pd), decode)
     hard_count = round(training.batch_size * training.hard_negative_fraction)
     torch.manual_seed(distributed.rank_seed(seed) + state.step)
     rng = torch.Generator().manual_seed(distributed.rank_seed(seed) + 1 + state.step)
     out = Path(out_dir) if out_dir is not None and distributed.is_main_process() else None
     g, d = state.generator, state.discriminator
     run_g, run_d = distributed.data_parallel(g), distributed.data_parallel(d)  # plain calls in one process
-    run_pd = distributed.data_parallel(pd) if pd is not None and training.pixel_weight > 0 else None
     progress = progress and distributed.is_main_process()
     text_encoder = clip.text_encoder
     decay = 0.5 ** (training.batch_size / training.ema_half_life)
@@ -370,41 +440,34 @@ def train_gan(
         # One generator pass serves both updates: detached for the discriminator's, kept for its own.
         fake = run_g(g.generate, z, text)
 
-        # Discriminator: reals up, fakes and mismatched reals down; each group its own pass (smaller
-        # activations than one concatenated batch), and R1 on a separate pass over reals every r1_every steps.
+        # Discriminators: reals up, fakes and mismatched reals down, R1 every r1_every steps.
         mismatched_pooled = text.pooled.roll(1, dims=0)
         if hard_count and negative_captions is not None:
             with torch.no_grad():
                 hard = text_encoder.encode(negative_captions(captions[:hard_count])).pooled
             mismatched_pooled = torch.cat([hard, mismatched_pooled[hard.shape[0] :]])
-        real_logits = run_d(d, aug(real), text.pooled)
-        fake_logits = run_d(d, aug(fake.detach()), text.pooled)
-        mismatch_logits = run_d(d, aug(real), mismatched_pooled)
-        loss_d = d_hinge_loss(real_logits, fake_logits, mismatch_logits, training.mismatch_weight)
-        r1_step = training.r1_every > 0 and step % training.r1_every == 0
-        if r1_step:
-            real_in = aug(real).detach().requires_grad_(True)
-            penalty = r1_penalty(run_d(d, real_in, text.pooled), real_in)
-            loss_d = loss_d + training.r1_gamma / 2 * penalty * training.r1_every
-        if run_pd is not None and pd is not None and decode is not None:
-            # The same losses on the first pixel_batch samples decoded: reals without gradients, fakes
-            # with them, kept for the generator's update.
+        r1 = training.r1_every > 0 and step % training.r1_every == 0
+        loss_d = discriminator_loss(
+            run_d, d, real, fake, text.pooled, mismatched_pooled, aug, training, r1=r1
+        )
+        if pixels is not None:
+            # The first pixel_batch samples decoded: reals without gradients, fakes with them (kept for the
+            # generator's update); image shifts span as many image pixels as one latent pixel does.
+            pd, run_pd, decode_fn = pixels
             n = training.pixel_batch
             with torch.no_grad():
-                real_px = decode(real[:n])
-            fake_px = decode(fake[:n])
-            factor = real_px.shape[-1] // real.shape[-1]
-            pooled = text.pooled[:n]
-            loss_px = d_hinge_loss(
-                run_pd(pd, aug(real_px, factor), pooled),
-                run_pd(pd, aug(fake_px.detach(), factor), pooled),
-                run_pd(pd, aug(real_px, factor), mismatched_pooled[:n]),
-                training.mismatch_weight,
+                real_px = decode_fn(real[:n])
+            fake_px = decode_fn(fake[:n])
+            if real_px.shape[1:] != pd.input_shape:
+                raise ValueError(
+                    f"train_gan: decode returned images of shape {tuple(real_px.shape[1:])}, but the pixel "
+                    f"discriminator was made for {pd.input_shape}: pass make_state the decoder's image size "
+                    "and channels."
+                )
+            aug_px = functools.partial(aug, factor=real_px.shape[-1] // real.shape[-1])
+            loss_px = discriminator_loss(
+                run_pd, pd, real_px, fake_px, text.pooled[:n], mismatched_pooled[:n], aug_px, training, r1=r1
             )
-            if r1_step:
-                real_in = aug(real_px, factor).detach().requires_grad_(True)
-                penalty = r1_penalty(run_pd(pd, real_in, pooled), real_in)
-                loss_px = loss_px + training.r1_gamma / 2 * penalty * training.r1_every
             loss_d = loss_d + training.pixel_weight * loss_px
         state.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -417,22 +480,21 @@ def train_gan(
             clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions)
         )
         loss_g = loss_adv + training.clip_weight * loss_clip
-        if run_pd is not None and pd is not None:
+        losses = {"d": loss_d, "g": loss_adv, "clip": loss_clip}
+        if pixels is not None:
+            pd = pixels[0]
             pd.requires_grad_(False)
-            loss_adv_px = g_hinge_loss(pd(aug(fake_px, factor), pooled))
-            loss_g = loss_g + training.pixel_weight * loss_adv_px
+            losses["g_px"] = g_hinge_loss(pd(aug_px(fake_px), text.pooled[:n]))
+            loss_g = loss_g + training.pixel_weight * losses["g_px"]
         state.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         state.opt_g.step()
         d.requires_grad_(True)
-        if pd is not None:
-            pd.requires_grad_(True)
+        if pixels is not None:
+            pixels[0].requires_grad_(True)
 
         update_ema(state.generator_ema, g, decay)
         state.step = step + 1
-        losses = {"d": loss_d, "g": loss_adv, "clip": loss_clip}
-        if run_pd is not None:
-            losses["g_px"] = loss_adv_px
         bar.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
         if (
             out is not None

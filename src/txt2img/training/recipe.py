@@ -300,7 +300,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         GANGenerator(gan_config),
         recipe.gan_training,
         size=pool.latents.shape[-1],
-        image_size=recipe.vae.sample_size,
+        image_size=pool.latents.shape[-1] * decoder.scale_factor,
         image_channels=recipe.vae.out_channels,
     )
     if resume and (out / "checkpoint").is_dir():
