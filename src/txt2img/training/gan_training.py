@@ -389,11 +389,11 @@ def train_gan(
         )
     pixels = None  # (pixel discriminator, its data-parallel wrapper, decode) when pixel_weight > 0
     if training.pixel_weight > 0:
-        pd = state.pixel_discriminator
-        if pd is None or decode is None or training.pixel_batch < 1:
+        pixel_d = state.pixel_discriminator
+        if pixel_d is None or decode is None or training.pixel_batch < 1:
             missing = [
                 *(["no decode function"] if decode is None else []),
-                *(["a state without a pixel discriminator"] if pd is None else []),
+                *(["a state without a pixel discriminator"] if pixel_d is None else []),
                 *([f"pixel_batch {training.pixel_batch}"] if training.pixel_batch < 1 else []),
             ]
             raise ValueError(
@@ -401,7 +401,8 @@ def train_gan(
                 f"{' and '.join(missing)}: pass the frozen VAE decoder's decode, a state made by make_state "
                 "with this config and a pixel_batch of 1 or more, or set pixel_weight to 0."
             )
-        pixels = (pd, distributed.data_parallel(pd), decode)
+        pixels = (pixel_d, distributed.data_parallel(pixel_d), decode)
+    discriminators = [net for net in (state.discriminator, state.pixel_discriminator) if net is not None]
     hard_count = round(training.batch_size * training.hard_negative_fraction)
     torch.manual_seed(distributed.rank_seed(seed) + state.step)
     rng = torch.Generator().manual_seed(distributed.rank_seed(seed) + 1 + state.step)
@@ -474,7 +475,8 @@ def train_gan(
         state.opt_d.step()
 
         # Generator: fool the (updated) discriminator, and match the text under the frozen latent CLIP.
-        d.requires_grad_(False)
+        for net in discriminators:
+            net.requires_grad_(False)
         loss_adv = g_hinge_loss(d(aug(fake), text.pooled))
         loss_clip = contrastive_loss(
             clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions)
@@ -482,16 +484,13 @@ def train_gan(
         loss_g = loss_adv + training.clip_weight * loss_clip
         losses = {"d": loss_d, "g": loss_adv, "clip": loss_clip}
         if pixels is not None:
-            pd = pixels[0]
-            pd.requires_grad_(False)
             losses["g_px"] = g_hinge_loss(pd(aug_px(fake_px), text.pooled[:n]))
             loss_g = loss_g + training.pixel_weight * losses["g_px"]
         state.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         state.opt_g.step()
-        d.requires_grad_(True)
-        if pixels is not None:
-            pixels[0].requires_grad_(True)
+        for net in discriminators:
+            net.requires_grad_(True)
 
         update_ema(state.generator_ema, g, decay)
         state.step = step + 1

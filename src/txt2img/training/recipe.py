@@ -301,7 +301,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         recipe.gan_training,
         size=pool.latents.shape[-1],
         image_size=pool.latents.shape[-1] * decoder.scale_factor,
-        image_channels=recipe.vae.out_channels,
+        image_channels=decoder.config.out_channels,
     )
     if resume and (out / "checkpoint").is_dir():
         state.load(out / "checkpoint")
