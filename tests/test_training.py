@@ -371,3 +371,21 @@ def test_baseline_comparison_trains_and_evaluates_both_paths(tiny_run: Path) -> 
     assert len(reports) == 2
     for report in reports.values():
         assert report["num_images"] == 8 and report["images_per_second"] > 0
+
+
+def test_pixel_discriminator_settings_that_cannot_work_are_refused() -> None:
+    from txt2img.training.gan_training import ProjectionDiscriminator
+
+    with pytest.raises(ValueError, match="not divisible by 2\\*\\*stages = 8"):
+        ProjectionDiscriminator(3, 8, 20, stages=3)
+    recipe = ShapesRecipe.tiny()
+    clip = LatentCLIP(build_text_encoder(vocabulary(), recipe.text), 4, 16).eval().requires_grad_(False)
+    gan_config = dataclasses.replace(
+        recipe.gan, text_dim=32, pooled_dim=32, channels=(32, 16, 8), attention=(True, False, False)
+    )
+    training = GANTrainingConfig(steps=1, batch_size=4, checkpoint_every=0, pixel_weight=1.0, pixel_batch=0)
+    state = make_state(GANGenerator(gan_config), training, size=16, image_size=32)
+    batches = iter([(torch.randn(4, 4, 16, 16), ["a small red circle at the top on a blue background"] * 4)])
+    with pytest.raises(ValueError, match="pixel_batch 0"):
+        train_gan(state, training, batches, clip, decode=lambda x: x, progress=False)
+    assert state.step == 0
