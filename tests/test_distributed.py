@@ -27,7 +27,14 @@ from txt2img.training.clip import (
     build_text_encoder,
     train_latent_clip,
 )
-from txt2img.training.gan_training import GANTrainingConfig, GANTrainingState, make_state, train_gan
+from txt2img.training.gan_training import (
+    GANTrainingConfig,
+    GANTrainingState,
+    TrainingDiverged,
+    check_divergence,
+    make_state,
+    train_gan,
+)
 from txt2img.training.recipe import SAMPLE_PROMPTS, image_batches, vocabulary
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
 from txt2img.vae import VAEConfig
@@ -180,6 +187,8 @@ def test_two_processes_keep_identical_replicas_of_distinct_data(tmp_path: Path) 
     assert (
         json.loads((tmp_path / "checkpoint" / "state.json").read_text())["extra"]["step"] == 4
     )  # resumed to 4
+    stops = [json.loads((tmp_path / f"stops-rank-{r}.json").read_text()) for r in (0, 1)]
+    assert stops[0] == stops[1] == {"any_rank": [True, False], "diverged": True}  # rank 1's NaN stops both
 
 
 if __name__ == "__main__":  # a rank of torchrun --nproc_per_node N tests/test_distributed.py OUT
@@ -209,3 +218,13 @@ if __name__ == "__main__":  # a rank of torchrun --nproc_per_node N tests/test_d
             ),
         }
         (out / f"drawn-rank-{rank}.json").write_text(json.dumps(drawn))
+        try:
+            check_divergence({"d": torch.tensor(float("nan") if rank == 1 else 1.0)}, 1, 1000.0, "none")
+            diverged = False
+        except TrainingDiverged:
+            diverged = True
+        stops = {
+            "any_rank": [distributed.any_rank(rank == 1), distributed.any_rank(False)],
+            "diverged": diverged,
+        }
+        (out / f"stops-rank-{rank}.json").write_text(json.dumps(stops))

@@ -17,6 +17,7 @@ from txt2img.training.checkpoint import load_checkpoint, save_checkpoint
 from txt2img.training.clip import LatentCLIP, build_text_encoder, build_word_tokenizer, contrastive_loss
 from txt2img.training.gan_training import (
     GANTrainingConfig,
+    TrainingDiverged,
     augment,
     d_hinge_loss,
     g_hinge_loss,
@@ -228,6 +229,56 @@ def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> Non
     training.steps = 8
     train_gan(fresh, training, batches(), clip, progress=False)
     assert fresh.step == 8
+
+
+def test_gan_divergence_stops_the_run_before_its_step(tmp_path: Path) -> None:
+    recipe = ShapesRecipe.tiny()
+    clip = LatentCLIP(build_text_encoder(vocabulary(), recipe.text), 4, 16).eval().requires_grad_(False)
+    gan_config = dataclasses.replace(
+        recipe.gan, text_dim=32, pooled_dim=32, channels=(32, 16, 8), attention=(True, False, False)
+    )
+    caption = "a small red circle at the top on a blue background"
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(4, 4, 16, 16, generator=generator), [caption] * 4
+
+    # A loss beyond the limit: the run stops at its first step, before any network changes.
+    torch.manual_seed(0)
+    training = GANTrainingConfig(steps=3, batch_size=4, checkpoint_every=0, divergence_limit=1e-6)
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    before = {k: v.clone() for k, v in state.discriminator.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 1: d = .*no checkpoint has been written"):
+        train_gan(state, training, batches(), clip, progress=False)
+    assert state.step == 0
+    assert all(torch.equal(v, before[k]) for k, v in state.discriminator.state_dict().items())
+
+    # A healthy run with the default limit trains and checkpoints; a generator that then makes NaNs stops
+    # it at the next step, and the message points at the checkpoint, which keeps the good state.
+    training = GANTrainingConfig(steps=2, batch_size=4, checkpoint_every=2, sample_every=0)
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    train_gan(state, training, batches(), clip, out_dir=tmp_path, progress=False)
+    assert state.step == 2
+    with torch.no_grad():
+        state.generator.to_latent.bias.fill_(float("nan"))
+    training.steps = 4
+    with pytest.raises(TrainingDiverged, match=r"step 3: d = nan.*holds the last checkpoint"):
+        train_gan(state, training, batches(), clip, out_dir=tmp_path, progress=False)
+    assert state.step == 2
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["extra"]["step"] == 2
+
+
+def test_training_command_reports_a_diverged_run(monkeypatch, capsys, tmp_path: Path) -> None:
+    from txt2img.training import __main__ as command
+    from txt2img.training import recipe
+
+    def diverge(*args, **kwargs):
+        raise TrainingDiverged("GAN training diverged at step 7: d = 1e+05")
+
+    monkeypatch.setattr(recipe, "run", diverge)
+    assert command.main(["shapes", "--out", str(tmp_path), "--tiny", "--quiet"]) == 1
+    assert "error: GAN training diverged at step 7" in capsys.readouterr().err
 
 
 def test_gan_pixel_discriminator_sees_decoded_sub_batches_and_trains_the_generator(tmp_path: Path) -> None:

@@ -112,6 +112,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (an all-reduce every rank must call); ``flag`` itself without a
+    process group. So that all ranks stop together where one alone would leave the others waiting."""
+    if not is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def broadcast_from_main(values: list[Any]) -> list[Any]:
     """Rank 0's ``values`` (picklable objects) on every rank: one value where each rank computed its own.
     ``values`` unchanged without a process group."""

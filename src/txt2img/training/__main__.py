@@ -7,6 +7,7 @@ Also under ``torchrun --nproc_per_node N -m txt2img.training shapes --out DIR``:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from txt2img import allocator, distributed
+    from txt2img.training.gan_training import TrainingDiverged
     from txt2img.training.recipe import ShapesRecipe, compare_with_baseline, run
 
     # The recipe trains on CPUs: gloo carries its gradients (one process alone joins no group).
@@ -44,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         recipe = ShapesRecipe.tiny(args.seed) if args.tiny else ShapesRecipe(seed=args.seed)
         start = time.perf_counter()
-        with allocator.reuse_freed_memory():  # every step frees and allocates the same buffers: about 10%
-            model = run(recipe, args.out, progress=progress, resume=args.resume)
+        try:
+            with allocator.reuse_freed_memory():  # every step frees and allocates the same buffers: about 10%
+                model = run(recipe, args.out, progress=progress, resume=args.resume)
+        except TrainingDiverged as error:
+            print(f"python -m txt2img.training: error: {error}", file=sys.stderr)
+            return 1
         if main:
             print(f"wrote {model} in {time.perf_counter() - start:.0f} s")
     return 0
