@@ -269,6 +269,24 @@ def test_gan_divergence_stops_the_run_before_its_step(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["extra"]["step"] == 2
 
 
+def test_gan_divergence_of_the_generator_loss_leaves_the_discriminator_trainable(monkeypatch) -> None:
+    from txt2img.training import gan_training
+
+    recipe = ShapesRecipe.tiny()
+    clip = LatentCLIP(build_text_encoder(vocabulary(), recipe.text), 4, 16).eval().requires_grad_(False)
+    gan_config = dataclasses.replace(
+        recipe.gan, text_dim=32, pooled_dim=32, channels=(32, 16, 8), attention=(True, False, False)
+    )
+    training = GANTrainingConfig(steps=1, batch_size=4, checkpoint_every=0)
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    batches = iter([(torch.randn(4, 4, 16, 16), ["a small red circle at the top on a blue background"] * 4)])
+    monkeypatch.setattr(gan_training, "g_hinge_loss", lambda fake: fake.mean() * 0 + 1e9)
+    with pytest.raises(TrainingDiverged, match=r"step 1: g = 1e\+09"):
+        train_gan(state, training, batches, clip, progress=False)
+    assert state.step == 0
+    assert all(p.requires_grad for p in state.discriminator.parameters())
+
+
 def test_training_command_reports_a_diverged_run(monkeypatch, capsys, tmp_path: Path) -> None:
     from txt2img.training import __main__ as command
     from txt2img.training import recipe

@@ -524,12 +524,12 @@ def train_gan(
         if pixels is not None:
             losses["g_px"] = g_hinge_loss(pd(aug_px(fake_px), text.pooled[:n]))
             loss_g = loss_g + training.pixel_weight * losses["g_px"]
+        for net in discriminators:  # the graph above holds no gradients of theirs: unfrozen before any exit
+            net.requires_grad_(True)
         check_divergence(losses, step + 1, training.divergence_limit, last_checkpoint)
         state.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         state.opt_g.step()
-        for net in discriminators:
-            net.requires_grad_(True)
 
         update_ema(state.generator_ema, g, decay)
         state.step = step + 1
