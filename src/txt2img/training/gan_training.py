@@ -65,7 +65,7 @@ class GANTrainingConfig:
     checkpoint_every: Write a checkpoint every this many steps (0: never).
     divergence_limit: Stop with ``TrainingDiverged``, before the optimizer step, when a loss is not finite
         or its magnitude exceeds this (0: only non-finite losses stop it). Runs of the recipe keep their
-        losses within about ±15, with spikes: one recovered from 4,139; two that passed 10⁶ had not recovered
+        losses within about ±35, with spikes: one recovered from 4,139; two that passed 10⁶ had not recovered
         150 and 290 steps later.
     """
 
