@@ -203,8 +203,20 @@ if __name__ == "__main__":  # a rank of torchrun --nproc_per_node N tests/test_d
 
     GANTrainingState.save = recorded_save  # type: ignore[method-assign]
     with distributed.process_group("gloo"):
-        tensors = train_all(out)
         rank = distributed.rank()
+        # Rank 1's NaN stops both ranks. Checked first: these small all-reduces, run just before the group
+        # was destroyed, aborted gloo's teardown now and then (2 runs in 8).
+        try:
+            check_divergence({"d": torch.tensor(float("nan") if rank == 1 else 1.0)}, 1, 1000.0, "none")
+            diverged = False
+        except TrainingDiverged:
+            diverged = True
+        stops = {
+            "any_rank": [distributed.any_rank(rank == 1), distributed.any_rank(False)],
+            "diverged": diverged,
+        }
+        (out / f"stops-rank-{rank}.json").write_text(json.dumps(stops))
+        tensors = train_all(out)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank-{rank}.safetensors"))
         drawn = {
             "vae": float(
@@ -218,13 +230,3 @@ if __name__ == "__main__":  # a rank of torchrun --nproc_per_node N tests/test_d
             ),
         }
         (out / f"drawn-rank-{rank}.json").write_text(json.dumps(drawn))
-        try:
-            check_divergence({"d": torch.tensor(float("nan") if rank == 1 else 1.0)}, 1, 1000.0, "none")
-            diverged = False
-        except TrainingDiverged:
-            diverged = True
-        stops = {
-            "any_rank": [distributed.any_rank(rank == 1), distributed.any_rank(False)],
-            "diverged": diverged,
-        }
-        (out / f"stops-rank-{rank}.json").write_text(json.dumps(stops))

@@ -231,12 +231,18 @@ def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> Non
     assert fresh.step == 8
 
 
-def test_gan_divergence_stops_the_run_before_its_step(tmp_path: Path) -> None:
+def small_gan() -> tuple[LatentCLIP, GANConfig]:
+    """A frozen latent CLIP and a generator config for 16 × 16 latents of 4 channels, on tiny settings."""
     recipe = ShapesRecipe.tiny()
     clip = LatentCLIP(build_text_encoder(vocabulary(), recipe.text), 4, 16).eval().requires_grad_(False)
     gan_config = dataclasses.replace(
         recipe.gan, text_dim=32, pooled_dim=32, channels=(32, 16, 8), attention=(True, False, False)
     )
+    return clip, gan_config
+
+
+def test_gan_divergence_stops_the_run_before_its_step(tmp_path: Path) -> None:
+    clip, gan_config = small_gan()
     caption = "a small red circle at the top on a blue background"
 
     def batches():
@@ -272,11 +278,7 @@ def test_gan_divergence_stops_the_run_before_its_step(tmp_path: Path) -> None:
 def test_gan_divergence_of_the_generator_loss_leaves_the_discriminator_trainable(monkeypatch) -> None:
     from txt2img.training import gan_training
 
-    recipe = ShapesRecipe.tiny()
-    clip = LatentCLIP(build_text_encoder(vocabulary(), recipe.text), 4, 16).eval().requires_grad_(False)
-    gan_config = dataclasses.replace(
-        recipe.gan, text_dim=32, pooled_dim=32, channels=(32, 16, 8), attention=(True, False, False)
-    )
+    clip, gan_config = small_gan()
     training = GANTrainingConfig(steps=1, batch_size=4, checkpoint_every=0)
     state = make_state(GANGenerator(gan_config), training, size=16)
     batches = iter([(torch.randn(4, 4, 16, 16), ["a small red circle at the top on a blue background"] * 4)])
@@ -447,11 +449,7 @@ def test_pixel_discriminator_settings_that_cannot_work_are_refused() -> None:
 
     with pytest.raises(ValueError, match="not divisible by 2\\*\\*stages = 8"):
         ProjectionDiscriminator(3, 8, 20, stages=3)
-    recipe = ShapesRecipe.tiny()
-    clip = LatentCLIP(build_text_encoder(vocabulary(), recipe.text), 4, 16).eval().requires_grad_(False)
-    gan_config = dataclasses.replace(
-        recipe.gan, text_dim=32, pooled_dim=32, channels=(32, 16, 8), attention=(True, False, False)
-    )
+    clip, gan_config = small_gan()
     training = GANTrainingConfig(steps=1, batch_size=4, checkpoint_every=0, pixel_weight=1.0, pixel_batch=0)
     state = make_state(GANGenerator(gan_config), training, size=16, image_size=32)
     batches = iter([(torch.randn(4, 4, 16, 16), ["a small red circle at the top on a blue background"] * 4)])

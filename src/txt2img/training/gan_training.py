@@ -162,31 +162,6 @@ class ProjectionDiscriminator(nn.Module):
 # Losses and augmentation (pure functions)
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss of the GAN stage left the range ``GANTrainingConfig.divergence_limit`` allows."""
-
-
-def check_divergence(losses: dict[str, torch.Tensor], step: int, limit: float, checkpoint: str) -> None:
-    """Raise ``TrainingDiverged`` if a loss is not finite or, with ``limit`` > 0, above ``limit`` in magnitude,
-    here or (under ``torchrun``) on any other rank.
-
-    Args:
-        losses: Scalar losses by name.
-        step: The step being taken (1-based), for the message.
-        limit: ``GANTrainingConfig.divergence_limit``.
-        checkpoint: Where the last good state is, for the message.
-    """
-    values = {name: value.item() for name, value in losses.items()}
-    bad = {name: v for name, v in values.items() if not math.isfinite(v) or (limit > 0 and abs(v) > limit)}
-    if distributed.any_rank(bool(bad)):  # under torchrun every rank stops, not only the one that diverged
-        shown = ", ".join(f"{name} = {v:.4g}" for name, v in bad.items()) or "a loss of another rank"
-        raise TrainingDiverged(
-            f"GAN training diverged at step {step}: {shown} (divergence_limit {limit:g}). The step was not "
-            f"completed, and {checkpoint}. Start again, or resume from that checkpoint, with lower learning "
-            "rates (lr_g, lr_d), a larger r1_gamma or another seed."
-        )
-
-
 def d_hinge_loss(
     real: torch.Tensor, fake: torch.Tensor, mismatched: torch.Tensor, mismatch_weight: float
 ) -> torch.Tensor:
@@ -278,6 +253,37 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # The loop
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss of the GAN stage left the range ``GANTrainingConfig.divergence_limit`` allows."""
+
+
+def check_divergence(
+    losses: dict[str, torch.Tensor], step: int, limit: float, checkpoint: str
+) -> dict[str, float]:
+    """Raise ``TrainingDiverged`` if a loss is not finite or, with ``limit`` > 0, above ``limit`` in magnitude,
+    here or (under ``torchrun``) on any other rank.
+
+    Args:
+        losses: Scalar losses by name.
+        step: The step being taken (1-based), for the message.
+        limit: ``GANTrainingConfig.divergence_limit``.
+        checkpoint: Where the last good state is, for the message.
+
+    Returns:
+        The losses as floats (for the progress bar).
+    """
+    values = {name: value.item() for name, value in losses.items()}
+    bad = {name: v for name, v in values.items() if not math.isfinite(v) or (limit > 0 and abs(v) > limit)}
+    if distributed.any_rank(bool(bad)):  # under torchrun every rank stops, not only the one that diverged
+        shown = ", ".join(f"{name} = {v:.4g}" for name, v in bad.items()) or "a loss of another rank"
+        raise TrainingDiverged(
+            f"GAN training diverged at step {step}: {shown} (divergence_limit {limit:g}). The step was not "
+            f"completed, and {checkpoint}. Start again, or resume from that checkpoint, with lower learning "
+            "rates (lr_g, lr_d), a larger r1_gamma or another seed."
+        )
+    return values
 
 
 @dataclasses.dataclass
@@ -526,14 +532,14 @@ def train_gan(
             loss_g = loss_g + training.pixel_weight * losses["g_px"]
         for net in discriminators:  # the graph above holds no gradients of theirs: unfrozen before any exit
             net.requires_grad_(True)
-        check_divergence(losses, step + 1, training.divergence_limit, last_checkpoint)
+        values = check_divergence(losses, step + 1, training.divergence_limit, last_checkpoint)
         state.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         state.opt_g.step()
 
         update_ema(state.generator_ema, g, decay)
         state.step = step + 1
-        bar.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
+        bar.set_postfix({name: f"{value:.3f}" for name, value in values.items()})
         if (
             out is not None
             and sample_fn is not None
@@ -544,5 +550,5 @@ def train_gan(
             sample_fn(state.generator_ema, out / "samples" / f"step-{state.step:06d}.png")
         if out is not None and training.checkpoint_every and state.step % training.checkpoint_every == 0:
             state.save(out / "checkpoint")
-            last_checkpoint = f"{out / 'checkpoint'} holds step {state.step}"
+            last_checkpoint = f"{saved} holds step {state.step}"
     return state
