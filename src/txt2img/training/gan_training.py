@@ -376,6 +376,179 @@ def make_state(
     )
 
 
+@dataclasses.dataclass
+class _PixelParts:
+    """What the pixel-space discriminator's updates need (``pixel_weight`` > 0)."""
+
+    discriminator: ProjectionDiscriminator
+    run: Callable[..., torch.Tensor]  # the discriminator itself, or its data-parallel wrapper
+    decode: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pixel_parts(
+    state: GANTrainingState,
+    training: GANTrainingConfig,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> _PixelParts | None:
+    """The pixel discriminator's parts when ``training.pixel_weight`` > 0, else ``None``; a ValueError
+    that names what is missing when the state or ``decode`` cannot provide them."""
+    if training.pixel_weight <= 0:
+        return None
+    pixel_d = state.pixel_discriminator
+    if pixel_d is None or decode is None or training.pixel_batch < 1:
+        missing = [
+            *(["no decode function"] if decode is None else []),
+            *(["a state without a pixel discriminator"] if pixel_d is None else []),
+            *([f"pixel_batch {training.pixel_batch}"] if training.pixel_batch < 1 else []),
+        ]
+        raise ValueError(
+            f"GANTrainingConfig.pixel_weight is {training.pixel_weight}, but train_gan got "
+            f"{' and '.join(missing)}: pass the frozen VAE decoder's decode, a state made by make_state "
+            "with this config and a pixel_batch of 1 or more, or set pixel_weight to 0."
+        )
+    return _PixelParts(pixel_d, distributed.data_parallel(pixel_d), decode)
+
+
+@torch.no_grad()
+def mismatched_text(
+    clip: LatentCLIP,
+    pooled: torch.Tensor,
+    captions: list[str],
+    hard_count: int,
+    negative_captions: Callable[[list[str]], list[str]] | None,
+) -> torch.Tensor:
+    """Pooled text of captions that do not match their images (B, text_dim): for the first ``hard_count``
+    images their ``negative_captions`` (hard negatives), for the rest the next image's caption."""
+    mismatched = pooled.roll(1, dims=0)
+    if hard_count and negative_captions is not None:
+        hard = clip.text_encoder.encode(negative_captions(captions[:hard_count])).pooled
+        mismatched = torch.cat([hard, mismatched[hard.shape[0] :]])
+    return mismatched
+
+
+def pixel_discriminator_loss(
+    pixels: _PixelParts,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    pooled: torch.Tensor,
+    mismatched: torch.Tensor,
+    augment_fn: Callable[..., torch.Tensor],
+    training: GANTrainingConfig,
+    *,
+    r1: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The pixel discriminator's loss on the first ``pixel_batch`` samples, decoded: reals without
+    gradients, fakes with them (kept for the generator's update). Image shifts span as many image pixels as
+    one latent pixel does.
+
+    Args:
+        pixels: The pixel discriminator's parts.
+        real, fake: Scaled latents (B, C, S, S).
+        pooled, mismatched: Pooled text of the true and the mismatched captions (B, text_dim).
+        augment_fn: The latents' augmentation, ``augment_fn(x, factor)`` for images ``factor`` times larger.
+        training: Supplies ``pixel_batch`` and the loss settings.
+        r1: Whether this step adds the R1 penalty.
+
+    Returns:
+        The loss; and the decoded fakes (n, image_channels, H, W) with the images' augmentation, for
+        ``generator_losses``.
+    """
+    n = training.pixel_batch
+    with torch.no_grad():
+        real_px = pixels.decode(real[:n])
+    fake_px = pixels.decode(fake[:n])
+    expected = pixels.discriminator.input_shape
+    if real_px.shape[1:] != expected:
+        raise ValueError(
+            f"train_gan: decode returned images of shape {tuple(real_px.shape[1:])}, but the pixel "
+            f"discriminator was made for {expected}: pass make_state the decoder's image size and channels."
+        )
+    aug_px = functools.partial(augment_fn, factor=real_px.shape[-1] // real.shape[-1])
+    loss = discriminator_loss(
+        pixels.run,
+        pixels.discriminator,
+        real_px,
+        fake_px,
+        pooled[:n],
+        mismatched[:n],
+        aug_px,
+        training,
+        r1=r1,
+    )
+    return loss, (fake_px, aug_px)
+
+
+def generator_losses(
+    discriminators: tuple[ProjectionDiscriminator, ProjectionDiscriminator | None],
+    fake: torch.Tensor,
+    pooled: torch.Tensor,
+    captions: list[str],
+    clip: LatentCLIP,
+    clip_text: torch.Tensor,
+    augment_fn: Callable[[torch.Tensor], torch.Tensor],
+    training: GANTrainingConfig,
+    pixel_fake: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The generator's loss: fool the (updated) discriminators, and match the text under the frozen latent
+    CLIP. The discriminators are frozen while it is built (its graph holds no gradients of theirs) and
+    trainable again when this returns or raises.
+
+    Args:
+        discriminators: The latent discriminator, and the pixel one or ``None``.
+        fake: Generated latents (B, C, S, S), with gradients to the generator.
+        pooled: Pooled text of their captions (B, text_dim).
+        captions: Their captions (to tell repeated ones apart in the contrastive loss).
+        clip: The frozen latent CLIP.
+        clip_text: Its normalised text embeddings of ``captions`` (B, embed_dim).
+        augment_fn: The latents' augmentation.
+        training: Supplies ``clip_weight`` and ``pixel_weight``.
+        pixel_fake: The decoded fakes and their augmentation, when the pixel discriminator is on.
+
+    Returns:
+        The total loss, and its parts by name (``g``, ``clip``, and ``g_px`` with the pixel discriminator).
+    """
+    d, pixel_d = discriminators
+    frozen = [net for net in discriminators if net is not None]
+    for net in frozen:
+        net.requires_grad_(False)
+    try:
+        losses = {
+            "g": g_hinge_loss(d(augment_fn(fake), pooled)),
+            "clip": contrastive_loss(
+                clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions)
+            ),
+        }
+        total = losses["g"] + training.clip_weight * losses["clip"]
+        if pixel_d is not None and pixel_fake is not None:
+            fake_px, aug_px = pixel_fake
+            losses["g_px"] = g_hinge_loss(pixel_d(aug_px(fake_px), pooled[: fake_px.shape[0]]))
+            total = total + training.pixel_weight * losses["g_px"]
+    finally:
+        for net in frozen:
+            net.requires_grad_(True)
+    return total, losses
+
+
+def write_outputs(
+    state: GANTrainingState,
+    training: GANTrainingConfig,
+    out: Path,
+    sample_fn: Callable[[GANGenerator, Path], None] | None,
+) -> bool:
+    """After a step: a sample grid every ``sample_every`` steps, a checkpoint every ``checkpoint_every``.
+
+    Returns:
+        Whether a checkpoint was written.
+    """
+    if sample_fn is not None and training.sample_every and state.step % training.sample_every == 0:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        sample_fn(state.generator_ema, out / "samples" / f"step-{state.step:06d}.png")
+    if training.checkpoint_every and state.step % training.checkpoint_every == 0:
+        state.save(out / "checkpoint")
+        return True
+    return False
+
+
 def train_gan(
     state: GANTrainingState,
     training: GANTrainingConfig,
@@ -426,22 +599,7 @@ def train_gan(
             f"GANTrainingConfig.hard_negative_fraction is {training.hard_negative_fraction}, but train_gan got "
             "no negative_captions function to make the hard negatives: pass one, or set the fraction to 0."
         )
-    pixels = None  # (pixel discriminator, its data-parallel wrapper, decode) when pixel_weight > 0
-    if training.pixel_weight > 0:
-        pixel_d = state.pixel_discriminator
-        if pixel_d is None or decode is None or training.pixel_batch < 1:
-            missing = [
-                *(["no decode function"] if decode is None else []),
-                *(["a state without a pixel discriminator"] if pixel_d is None else []),
-                *([f"pixel_batch {training.pixel_batch}"] if training.pixel_batch < 1 else []),
-            ]
-            raise ValueError(
-                f"GANTrainingConfig.pixel_weight is {training.pixel_weight}, but train_gan got "
-                f"{' and '.join(missing)}: pass the frozen VAE decoder's decode, a state made by make_state "
-                "with this config and a pixel_batch of 1 or more, or set pixel_weight to 0."
-            )
-        pixels = (pixel_d, distributed.data_parallel(pixel_d), decode)
-    discriminators = [net for net in (state.discriminator, state.pixel_discriminator) if net is not None]
+    pixels = _pixel_parts(state, training, decode)
     hard_count = round(training.batch_size * training.hard_negative_fraction)
     torch.manual_seed(distributed.rank_seed(seed) + state.step)
     rng = torch.Generator().manual_seed(distributed.rank_seed(seed) + 1 + state.step)
@@ -449,7 +607,6 @@ def train_gan(
     g, d = state.generator, state.discriminator
     run_g, run_d = distributed.data_parallel(g), distributed.data_parallel(d)  # plain calls in one process
     progress = progress and distributed.is_main_process()
-    text_encoder = clip.text_encoder
     decay = 0.5 ** (training.batch_size / training.ema_half_life)
     saved = out / "checkpoint" if out is not None else None
     last_checkpoint = (
@@ -476,41 +633,20 @@ def train_gan(
     for step in bar:
         real, captions = next(batches)
         with torch.no_grad():
-            text = text_encoder.encode(captions)
+            text = clip.text_encoder.encode(captions)
             clip_text = F.normalize(clip.text_projection(text.pooled), dim=-1)
-        b = real.shape[0]
-        z = torch.randn(b, g.config.z_dim)
-
-        # One generator pass serves both updates: detached for the discriminator's, kept for its own.
+        z = torch.randn(real.shape[0], g.config.z_dim)
+        # One generator pass serves both updates: detached for the discriminators', kept for its own.
         fake = run_g(g.generate, z, text)
 
-        # Discriminators: reals up, fakes and mismatched reals down, R1 every r1_every steps.
-        mismatched_pooled = text.pooled.roll(1, dims=0)
-        if hard_count and negative_captions is not None:
-            with torch.no_grad():
-                hard = text_encoder.encode(negative_captions(captions[:hard_count])).pooled
-            mismatched_pooled = torch.cat([hard, mismatched_pooled[hard.shape[0] :]])
+        # 1. Discriminators: reals up, fakes and mismatched reals down, R1 every r1_every steps.
+        mismatched = mismatched_text(clip, text.pooled, captions, hard_count, negative_captions)
         r1 = training.r1_every > 0 and step % training.r1_every == 0
-        loss_d = discriminator_loss(
-            run_d, d, real, fake, text.pooled, mismatched_pooled, aug, training, r1=r1
-        )
+        loss_d = discriminator_loss(run_d, d, real, fake, text.pooled, mismatched, aug, training, r1=r1)
+        pixel_fake = None
         if pixels is not None:
-            # The first pixel_batch samples decoded: reals without gradients, fakes with them (kept for the
-            # generator's update); image shifts span as many image pixels as one latent pixel does.
-            pd, run_pd, decode_fn = pixels
-            n = training.pixel_batch
-            with torch.no_grad():
-                real_px = decode_fn(real[:n])
-            fake_px = decode_fn(fake[:n])
-            if real_px.shape[1:] != pd.input_shape:
-                raise ValueError(
-                    f"train_gan: decode returned images of shape {tuple(real_px.shape[1:])}, but the pixel "
-                    f"discriminator was made for {pd.input_shape}: pass make_state the decoder's image size "
-                    "and channels."
-                )
-            aug_px = functools.partial(aug, factor=real_px.shape[-1] // real.shape[-1])
-            loss_px = discriminator_loss(
-                run_pd, pd, real_px, fake_px, text.pooled[:n], mismatched_pooled[:n], aug_px, training, r1=r1
+            loss_px, pixel_fake = pixel_discriminator_loss(
+                pixels, real, fake, text.pooled, mismatched, aug, training, r1=r1
             )
             loss_d = loss_d + training.pixel_weight * loss_px
         check_divergence({"d": loss_d}, step + 1, training.divergence_limit, last_checkpoint)
@@ -518,37 +654,29 @@ def train_gan(
         loss_d.backward()
         state.opt_d.step()
 
-        # Generator: fool the (updated) discriminator, and match the text under the frozen latent CLIP.
-        for net in discriminators:
-            net.requires_grad_(False)
-        loss_adv = g_hinge_loss(d(aug(fake), text.pooled))
-        loss_clip = contrastive_loss(
-            clip_text, clip.embed_latents(fake), clip.logit_scale, same_captions(captions)
+        # 2. Generator.
+        loss_g, losses = generator_losses(
+            (d, state.pixel_discriminator),
+            fake,
+            text.pooled,
+            captions,
+            clip,
+            clip_text,
+            aug,
+            training,
+            pixel_fake=pixel_fake,
         )
-        loss_g = loss_adv + training.clip_weight * loss_clip
-        losses = {"d": loss_d, "g": loss_adv, "clip": loss_clip}
-        if pixels is not None:
-            losses["g_px"] = g_hinge_loss(pd(aug_px(fake_px), text.pooled[:n]))
-            loss_g = loss_g + training.pixel_weight * losses["g_px"]
-        for net in discriminators:  # the graph above holds no gradients of theirs: unfrozen before any exit
-            net.requires_grad_(True)
-        values = check_divergence(losses, step + 1, training.divergence_limit, last_checkpoint)
+        values = check_divergence(
+            {"d": loss_d, **losses}, step + 1, training.divergence_limit, last_checkpoint
+        )
         state.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         state.opt_g.step()
 
+        # 3. EMA, progress, samples and checkpoints.
         update_ema(state.generator_ema, g, decay)
         state.step = step + 1
         bar.set_postfix({name: f"{value:.3f}" for name, value in values.items()})
-        if (
-            out is not None
-            and sample_fn is not None
-            and training.sample_every
-            and state.step % training.sample_every == 0
-        ):
-            (out / "samples").mkdir(parents=True, exist_ok=True)
-            sample_fn(state.generator_ema, out / "samples" / f"step-{state.step:06d}.png")
-        if out is not None and training.checkpoint_every and state.step % training.checkpoint_every == 0:
-            state.save(out / "checkpoint")
+        if out is not None and write_outputs(state, training, out, sample_fn):
             last_checkpoint = f"{saved} holds step {state.step}"
     return state
