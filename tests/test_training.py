@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from txt2img import TextEncoder, Txt2ImgPipeline, VAEDecoder, VAEEncoder
 from txt2img.gan import GANConfig, GANGenerator
 from txt2img.training import shapes
-from txt2img.training.checkpoint import load_checkpoint, save_checkpoint
+from txt2img.training.checkpoint import load_checkpoint, read_extra, save_checkpoint
 from txt2img.training.clip import LatentCLIP, build_text_encoder, build_word_tokenizer, contrastive_loss
 from txt2img.training.gan_training import (
     GANTrainingConfig,
@@ -299,6 +302,65 @@ def test_training_command_reports_a_diverged_run(monkeypatch, capsys, tmp_path: 
     monkeypatch.setattr(recipe, "run", diverge)
     assert command.main(["shapes", "--out", str(tmp_path), "--tiny", "--quiet"]) == 1
     assert "error: GAN training diverged at step 7" in capsys.readouterr().err
+
+
+def test_training_command_trains_a_finished_run_on(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    from txt2img.training import __main__ as command
+
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_run, folder)  # a finished run: its checkpoint is at the tiny recipe's step 20
+    argv = ["shapes", "--tiny", "--out", str(folder), "--resume", "--quiet"]
+    before = (folder / "checkpoint" / "tensors.safetensors").read_bytes()
+    assert command.main([*argv, "--gan-steps", "10"]) == 1
+    assert "checkpoint is at GAN step 20, past the 10 steps asked for" in capsys.readouterr().err
+    assert (
+        folder / "checkpoint" / "tensors.safetensors"
+    ).read_bytes() == before  # nothing trained or written
+    assert command.main([*argv, "--gan-steps", "30"]) == 0
+    assert read_extra(folder / "checkpoint") == {"step": 30}
+    assert json.loads((folder / "recipe.json").read_text())["gan_training"]["steps"] == 30
+    with pytest.raises(SystemExit):
+        command.main([*argv, "--gan-steps", "0"])
+    assert "--gan-steps must be 1 or more" in capsys.readouterr().err
+
+
+def test_evaluate_judges_a_checkpoints_ema_generator(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    from txt2img.training import evaluate as evaluation
+
+    # Another generator of the model's architecture, saved both as a checkpoint's EMA generator and in a
+    # model folder of its own: `evaluate MODEL --checkpoint CKPT` must judge it as that folder is judged.
+    pipe = Txt2ImgPipeline.from_pretrained(tiny_run / "model")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in pipe.gan.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    save_checkpoint(tmp_path / "ckpt", modules={"generator_ema": pipe.gan}, optimizers={}, extra={"step": 7})
+    pipe.save_pretrained(tmp_path / "other")
+    model = str(tiny_run / "model")
+    reports = {}
+    for name, argv in {
+        "model": [model],
+        "checkpoint": [model, "--checkpoint", str(tmp_path / "ckpt")],
+        "other": [str(tmp_path / "other")],
+    }.items():
+        assert evaluation.main([*argv, "--num-images", "12", "--json", str(tmp_path / "report.json")]) == 0
+        reports[name] = json.loads((tmp_path / "report.json").read_text())
+        del reports[name]["images_per_second"]
+    assert "the EMA generator of " in capsys.readouterr().out
+    assert reports["checkpoint"] == reports["other"]
+    assert reports["checkpoint"] != reports["model"]
+
+    # A checkpoint without that module, or with weights of another architecture: a message, exit status 1.
+    save_checkpoint(tmp_path / "d_only", modules={"discriminator": nn.Linear(2, 2)}, optimizers={}, extra={})
+    small = GANGenerator(dataclasses.replace(pipe.gan.config, channels=(16, 8, 8, 8)))
+    save_checkpoint(tmp_path / "small", modules={"generator_ema": small}, optimizers={}, extra={"step": 1})
+    for folder, message in [
+        ("d_only", r"holds the modules \['discriminator'\], not 'generator_ema'"),
+        ("small", "do not fit the GANGenerator given"),
+        ("missing", "is not a txt2img training checkpoint"),
+    ]:
+        assert evaluation.main([model, "--checkpoint", str(tmp_path / folder), "--num-images", "2"]) == 1
+        assert re.search(message, capsys.readouterr().err)
 
 
 def test_gan_pixel_discriminator_sees_decoded_sub_batches_and_trains_the_generator(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ Also under ``torchrun --nproc_per_node N -m txt2img.training shapes --out DIR``:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -18,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--out", required=True, help="output folder; the pipeline goes to OUT/model")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    shapes.add_argument(
+        "--gan-steps",
+        type=int,
+        default=None,
+        help="steps of the GAN stage (default: the recipe's, 3,500); with --resume, trains a finished run on",
+    )
     shapes.add_argument("--tiny", action="store_true", help="a few steps on small networks (a smoke test)")
     shapes.add_argument("--quiet", action="store_true", help="no progress bars")
     baseline = commands.add_parser(
@@ -30,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     baseline.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if getattr(args, "gan_steps", None) is not None and args.gan_steps < 1:
+        parser.error(f"--gan-steps must be 1 or more, got {args.gan_steps}")
 
     from txt2img import allocator, distributed
     from txt2img.training.gan_training import TrainingDiverged
@@ -45,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(table)
             return 0
         recipe = ShapesRecipe.tiny(args.seed) if args.tiny else ShapesRecipe(seed=args.seed)
+        if args.gan_steps is not None:
+            recipe.gan_training = dataclasses.replace(recipe.gan_training, steps=args.gan_steps)
         start = time.perf_counter()
         try:
             with allocator.reuse_freed_memory():  # every step frees and allocates the same buffers: about 10%
                 model = run(recipe, args.out, progress=progress, resume=args.resume)
-        except TrainingDiverged as error:
+        except (TrainingDiverged, ValueError) as error:
             print(f"python -m txt2img.training: error: {error}", file=sys.stderr)
             return 1
         if main:

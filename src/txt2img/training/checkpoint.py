@@ -62,24 +62,15 @@ def load_checkpoint(
         OSError: the folder or one of its files is missing.
         ValueError: the checkpoint holds other modules than ``modules`` (a run with other settings).
     """
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / "tensors.safetensors").is_file() or not (folder / "state.json").is_file():
-        raise OSError(f"{folder} is not a txt2img training checkpoint (tensors.safetensors + state.json).")
-    tensors = load_file(str(folder / "tensors.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
-    saved = {key.split(".", 2)[1] for key in tensors if key.startswith("module.")}
+    tensors, meta = _read(folder)
+    saved = _module_names(tensors)
     if saved != set(modules):
         raise ValueError(
             f"{folder} holds the modules {sorted(saved)}, but this run has {sorted(modules)}: resume with the "
             "settings the checkpoint was written with, or start the run in another folder."
         )
     for name, module in modules.items():
-        prefix = f"module.{name}."
-        module.load_state_dict(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True
-        )
+        _load_module(tensors, name, module)
     for name, optimizer in optimizers.items():
         prefix = f"optim.{name}."
         state: dict[int, dict[str, torch.Tensor]] = {}
@@ -89,3 +80,66 @@ def load_checkpoint(
                 state.setdefault(int(index), {})[field] = value
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
     return meta["extra"]
+
+
+def load_checkpoint_module(folder: str | os.PathLike, name: str, module: nn.Module) -> dict[str, Any]:
+    """Load one module of a checkpoint, strictly, leaving the rest (for example a GAN run's EMA generator,
+    to evaluate it mid-training).
+
+    Args:
+        folder: A folder :func:`save_checkpoint` wrote.
+        name: The module's name in it (the GAN stage's: ``generator``, ``generator_ema``, ``discriminator``).
+        module: Receives the weights; it must have the architecture they were saved from.
+
+    Returns:
+        The checkpoint's ``extra`` values (the GAN stage's: ``step``).
+
+    Raises:
+        OSError: the folder or one of its files is missing.
+        ValueError: the checkpoint holds no module ``name``, or its weights do not fit ``module``.
+    """
+    tensors, meta = _read(folder)
+    saved = _module_names(tensors)
+    if name not in saved:
+        raise ValueError(f"{folder} holds the modules {sorted(saved)}, not {name!r}.")
+    try:
+        _load_module(tensors, name, module)
+    except RuntimeError as error:  # missing, unexpected or differently shaped weights
+        raise ValueError(
+            f"The {name!r} weights in {folder} do not fit the {type(module).__name__} given: it must have the "
+            f"architecture of the run that wrote the checkpoint. {error}"
+        ) from error
+    return meta["extra"]
+
+
+def read_extra(folder: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's ``extra`` values (the GAN stage's: ``step``), without loading its tensors.
+
+    Raises:
+        OSError: the folder or its ``state.json`` is missing.
+    """
+    path = Path(folder) / "state.json"
+    if not path.is_file():
+        raise OSError(f"{folder} is not a txt2img training checkpoint: it has no state.json.")
+    extra: dict[str, Any] = json.loads(path.read_text())["extra"]
+    return extra
+
+
+def _read(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "tensors.safetensors").is_file() or not (folder / "state.json").is_file():
+        raise OSError(f"{folder} is not a txt2img training checkpoint (tensors.safetensors + state.json).")
+    return load_file(str(folder / "tensors.safetensors")), json.loads((folder / "state.json").read_text())
+
+
+def _module_names(tensors: dict[str, torch.Tensor]) -> set[str]:
+    return {key.split(".", 2)[1] for key in tensors if key.startswith("module.")}
+
+
+def _load_module(tensors: dict[str, torch.Tensor], name: str, module: nn.Module) -> None:
+    prefix = f"module.{name}."
+    module.load_state_dict(
+        {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -257,11 +258,27 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="GAN generators: pull each image toward the prompt's typical one (below 1: less variety; default 1)",
     )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="evaluate the EMA generator of this GAN training checkpoint (a run's checkpoint/ folder) in place "
+        "of MODEL's generator; MODEL, the same run's model/, supplies the text encoder and the decoder",
+    )
     args = parser.parse_args(argv)
 
     from txt2img import Txt2ImgPipeline
 
     pipe = Txt2ImgPipeline.from_pretrained(args.model, device=args.device)
+    if args.checkpoint is not None:
+        from txt2img.training.checkpoint import load_checkpoint_module
+
+        try:
+            extra = load_checkpoint_module(args.checkpoint, "generator_ema", pipe.gan)
+        except (OSError, ValueError) as error:
+            print(f"{parser.prog}: error: --checkpoint: {error}", file=sys.stderr)
+            return 1
+        print(f"generator: the EMA generator of {args.checkpoint}, step {extra.get('step', '?')}")
     generate = pipeline_generator(pipe, args.truncation_psi)
     report = evaluate(generate, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size)
     print(report.to_markdown(by_object=args.by_object))

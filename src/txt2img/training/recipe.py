@@ -40,6 +40,7 @@ from txt2img.training.baseline import (
     baseline_generator,
     train_baseline,
 )
+from txt2img.training.checkpoint import read_extra
 from txt2img.training.clip import (
     CLIPTrainingConfig,
     LatentCLIP,
@@ -240,8 +241,18 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
 
     Returns:
         The saved pipeline folder, ``out/model``.
+
+    Raises:
+        ValueError: resuming from a checkpoint past ``recipe.gan_training.steps``.
     """
     out = Path(out)
+    if resume and (out / "checkpoint").is_dir():
+        reached = read_extra(out / "checkpoint")["step"]
+        if reached > recipe.gan_training.steps:
+            raise ValueError(
+                f"{out / 'checkpoint'} is at GAN step {reached}, past the {recipe.gan_training.steps} steps "
+                f"asked for: ask for {reached} or more (--gan-steps), or start the run in another folder."
+            )
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     timings: dict[str, float] = {}
