@@ -418,7 +418,7 @@ def mismatched_text(
     negative_captions: Callable[[list[str]], list[str]] | None,
 ) -> torch.Tensor:
     """Pooled text of captions that do not match their images (B, text_dim): for the first ``hard_count``
-    images their ``negative_captions`` (hard negatives), for the rest the next image's caption."""
+    images their ``negative_captions`` (hard negatives), for the rest the previous image's caption."""
     mismatched = pooled.roll(1, dims=0)
     if hard_count and negative_captions is not None:
         hard = clip.text_encoder.encode(negative_captions(captions[:hard_count])).pooled
