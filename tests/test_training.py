@@ -316,9 +316,19 @@ def test_training_command_trains_a_finished_run_on(tiny_run: Path, tmp_path: Pat
     assert (
         folder / "checkpoint" / "tensors.safetensors"
     ).read_bytes() == before  # nothing trained or written
+    first = json.loads((folder / "timings.json").read_text())
+    first_seconds = read_extra(folder / "checkpoint")["seconds"]
+    assert 0 < first_seconds <= first["gan"]
     assert command.main([*argv, "--gan-steps", "30"]) == 0
-    assert read_extra(folder / "checkpoint") == {"step": 30}
+    assert read_extra(folder / "checkpoint")["step"] == 30
     assert json.loads((folder / "recipe.json").read_text())["gan_training"]["steps"] == 30
+    # The record covers the whole training: the VAE's time is the first run's (it was only reloaded), the
+    # GAN's counts both runs; the card gives the command for 30 steps and says the run was resumed.
+    again = json.loads((folder / "timings.json").read_text())
+    assert again["vae"] == first["vae"] > 0
+    assert again["gan"] > first_seconds
+    card = (folder / "model" / "README.md").read_text()
+    assert "--gan-steps 30" in card and "the last resumed at GAN step 20" in card
     with pytest.raises(SystemExit):
         command.main([*argv, "--gan-steps", "0"])
     assert "--gan-steps must be 1 or more" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -288,9 +289,10 @@ def check_divergence(
 
 @dataclasses.dataclass
 class GANTrainingState:
-    """What a training run holds: the networks, their optimizers and the step reached.
+    """What a training run holds: the networks, their optimizers, the step reached and the seconds it took.
 
     ``opt_d`` steps both discriminators; ``pixel_discriminator`` is ``None`` unless ``pixel_weight`` > 0.
+    ``seconds`` counts the training loop's time over every run that led here, resumed ones included.
     """
 
     generator: GANGenerator
@@ -300,13 +302,14 @@ class GANTrainingState:
     opt_d: torch.optim.Optimizer
     step: int = 0
     pixel_discriminator: ProjectionDiscriminator | None = None
+    seconds: float = 0.0
 
     def save(self, folder: str | os.PathLike) -> None:
         save_checkpoint(
             folder,
             modules=self._modules(),
             optimizers={"g": self.opt_g, "d": self.opt_d},
-            extra={"step": self.step},
+            extra={"step": self.step, "seconds": self.seconds},
         )
 
     def load(self, folder: str | os.PathLike) -> None:
@@ -314,6 +317,7 @@ class GANTrainingState:
             folder, modules=self._modules(), optimizers={"g": self.opt_g, "d": self.opt_d}
         )
         self.step = int(extra["step"])
+        self.seconds = float(extra.get("seconds", 0.0))  # older checkpoints did not count them
 
     def _modules(self) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {
@@ -623,6 +627,7 @@ def train_gan(
             noise=training.augment_noise,
         )
 
+    start, seconds_before = time.perf_counter(), state.seconds
     bar = tqdm(
         range(state.step, training.steps),
         desc="gan",
@@ -676,6 +681,7 @@ def train_gan(
         # 3. EMA, progress, samples and checkpoints.
         update_ema(state.generator_ema, g, decay)
         state.step = step + 1
+        state.seconds = seconds_before + time.perf_counter() - start
         bar.set_postfix({name: f"{value:.3f}" for name, value in values.items()})
         if out is not None and write_outputs(state, training, out, sample_fn):
             last_checkpoint = f"{saved} holds step {state.step}"

@@ -200,9 +200,25 @@ def encode_pool(
     return LatentPool(torch.cat(latents).contiguous(), specs)
 
 
-def model_card(recipe: ShapesRecipe, timings: dict[str, float], report: EvalReport) -> dict[str, Any]:
-    """The model card of a recipe's pipeline: its data, its training and its evaluation."""
+def model_card(
+    recipe: ShapesRecipe, timings: dict[str, float], report: EvalReport, *, resumed_at: int | None = None
+) -> dict[str, Any]:
+    """The model card of a recipe's pipeline: its data, its training and its evaluation.
+
+    Args:
+        recipe: The run's settings.
+        timings: Seconds per stage, the GAN's over every run that trained it.
+        report: The run's evaluation.
+        resumed_at: The GAN step the last run resumed from (``--resume``), if it did.
+    """
     total = sum(timings.values())
+    steps = recipe.gan_training.steps
+    command = f"python -m txt2img.training shapes --out DIR --seed {recipe.seed}"
+    if steps != ShapesRecipe().gan_training.steps:
+        command += f" --gan-steps {steps}"
+    resumed = (
+        f" Trained in more than one run: the last resumed at GAN step {resumed_at}." if resumed_at else ""
+    )
     return {
         "license": "apache-2.0",
         "datasets": ["Shapes-64 (procedural, txt2img.training.shapes)"],
@@ -213,14 +229,14 @@ def model_card(recipe: ShapesRecipe, timings: dict[str, float], report: EvalRepo
         ),
         "example_prompt": SAMPLE_PROMPTS[0],
         "training": (
-            f"`python -m txt2img.training shapes --out DIR --seed {recipe.seed}` (txt2img.training.recipe): "
+            f"`{command}` (txt2img.training.recipe): "
             f"a KL-VAE ({recipe.vae_training.steps} steps, then {recipe.vae_training.decoder_steps} of the "
             "decoder alone), a word-level CLIP text encoder "
             f"({recipe.clip_training.steps} steps), then the GAN ({recipe.gan_training.steps} steps of "
             f"{recipe.gan_training.batch_size}); the EMA generator is the one saved. Held-out (colour, shape) "
             f"pairs never seen in training: {', '.join(' '.join(pair) for pair in sorted(shapes.HELD_OUT))}. "
             f"{total:.0f} s on the CPU of the training machine "
-            f"({', '.join(f'{stage} {seconds:.0f} s' for stage, seconds in timings.items())})."
+            f"({', '.join(f'{stage} {seconds:.0f} s' for stage, seconds in timings.items())}).{resumed}"
         ),
         "evaluation": (
             "Fraction of images whose attributes, read back from the pixels, match the prompt "
@@ -246,8 +262,9 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         ValueError: resuming from a checkpoint past ``recipe.gan_training.steps``.
     """
     out = Path(out)
+    resumed_at = None  # the GAN step a resumed run starts from
     if resume and (out / "checkpoint").is_dir():
-        reached = read_extra(out / "checkpoint")["step"]
+        reached = resumed_at = int(read_extra(out / "checkpoint")["step"])
         if reached > recipe.gan_training.steps:
             raise ValueError(
                 f"{out / 'checkpoint'} is at GAN step {reached}, past the {recipe.gan_training.steps} steps "
@@ -256,13 +273,18 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     timings: dict[str, float] = {}
+    # A resumed run reloads the VAE: its time is the one the first run recorded.
+    earlier = (
+        json.loads((out / "timings.json").read_text()) if resume and (out / "timings.json").is_file() else {}
+    )
     main = distributed.is_main_process()  # rank 0 alone writes under torchrun
     if main:
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
 
     # 1. VAE
     start = time.perf_counter()
-    if resume and (out / "vae_encoder").is_dir():
+    reloaded = resume and (out / "vae_encoder").is_dir()
+    if reloaded:
         encoder = VAEEncoder.from_pretrained(out / "vae_encoder")
         decoder = VAEDecoder.from_pretrained(out / "vae")
     else:
@@ -277,7 +299,9 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         if main:
             encoder.save_pretrained(out / "vae_encoder")
             decoder.save_pretrained(out / "vae")
-    timings["vae"] = time.perf_counter() - start
+    timings["vae"] = earlier.get("vae", 0.0) if reloaded else time.perf_counter() - start
+    if main:  # now, so that a run stopped in a later stage and resumed still knows it
+        (out / "timings.json").write_text(json.dumps(timings, indent=2))
 
     # 2. Latent pool
     start = time.perf_counter()
@@ -344,7 +368,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         decode=decoder.eval().requires_grad_(False).decode,
         progress=progress,
     )
-    timings["gan"] = time.perf_counter() - start
+    timings["gan"] = state.seconds  # over every run that trained this GAN, resumed ones included
 
     # 5. Save, with a model card that says how the model was made and how well it follows prompts
     if not main:
@@ -357,7 +381,9 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     (out / "evaluation.json").write_text(json.dumps(report.to_dict(), indent=2))
     pipe.set_progress_bar_config(disable=False)
     pipe.save_pretrained(
-        out / "model", model_card=model_card(recipe, timings, report), overwrite_model_card=True
+        out / "model",
+        model_card=model_card(recipe, timings, report, resumed_at=resumed_at),
+        overwrite_model_card=True,
     )
     return out / "model"
 
