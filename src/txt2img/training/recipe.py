@@ -264,11 +264,11 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     out = Path(out)
     resumed_at = None  # the GAN step a resumed run starts from
     if resume and (out / "checkpoint").is_dir():
-        reached = resumed_at = int(read_extra(out / "checkpoint")["step"])
-        if reached > recipe.gan_training.steps:
+        resumed_at = int(read_extra(out / "checkpoint")["step"])
+        if resumed_at > recipe.gan_training.steps:
             raise ValueError(
-                f"{out / 'checkpoint'} is at GAN step {reached}, past the {recipe.gan_training.steps} steps "
-                f"asked for: ask for {reached} or more (--gan-steps), or start the run in another folder."
+                f"{out / 'checkpoint'} is at GAN step {resumed_at}, past the {recipe.gan_training.steps} steps "
+                f"asked for: ask for {resumed_at} or more (--gan-steps), or start the run in another folder."
             )
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
