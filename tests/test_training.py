@@ -17,7 +17,16 @@ from txt2img import TextEncoder, Txt2ImgPipeline, VAEDecoder, VAEEncoder
 from txt2img.gan import GANConfig, GANGenerator
 from txt2img.training import shapes
 from txt2img.training.checkpoint import load_checkpoint, read_extra, save_checkpoint
-from txt2img.training.clip import LatentCLIP, build_text_encoder, build_word_tokenizer, contrastive_loss
+from txt2img.training.clip import (
+    CLIPTrainingConfig,
+    LatentCLIP,
+    WordHead,
+    build_text_encoder,
+    build_word_tokenizer,
+    clip_loss,
+    contrastive_loss,
+    train_latent_clip,
+)
 from txt2img.training.gan_training import (
     GANTrainingConfig,
     TrainingDiverged,
@@ -190,6 +199,64 @@ def test_clip_training_aligns_text_and_latents(tiny_run: Path) -> None:
     assert contrastive_loss(text, text, torch.tensor(4.0)) < contrastive_loss(
         text, text.roll(1, 0), torch.tensor(4.0)
     )
+
+
+def test_clip_word_head_reads_which_words_a_caption_holds() -> None:
+    recipe = ShapesRecipe.tiny()
+    encoder = build_text_encoder(vocabulary(), recipe.text)
+    head = WordHead(encoder)
+    caption = "A small green square, at the top on a black background"
+    input_ids, mask = encoder.tokenize([caption, "a red circle"])
+    targets = head.targets(input_ids, mask)
+    vocab = encoder.tokenizer.backend.get_vocab()
+    expected = torch.zeros(2, len(vocab))
+    for row, text in enumerate([caption, "a red circle"]):
+        for word in text.lower().replace(",", " , ").split():
+            expected[row, vocab[word]] = 1.0
+    torch.testing.assert_close(targets, expected)  # each word once, no [BOS], [EOS] or [PAD]
+
+
+def test_clip_training_with_the_word_loss_makes_words_readable_from_the_pooled_vector() -> None:
+    recipe = ShapesRecipe.tiny()
+    rng = np.random.default_rng(0)
+    captions = [shapes.canonical_caption(shapes.sample_spec(rng)) for _ in range(8)]
+
+    def batches():
+        while True:
+            yield torch.randn(16, 4, 32, 32), [captions[i] for i in rng.integers(8, size=16)]
+
+    heads: list[WordHead] = []
+    original = WordHead.__init__
+
+    def keep(self: WordHead, text_encoder: TextEncoder) -> None:
+        original(self, text_encoder)
+        heads.append(self)
+
+    torch.manual_seed(0)
+    clip = LatentCLIP(build_text_encoder(vocabulary(), recipe.text), 4, 32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WordHead, "__init__", keep)
+        train_latent_clip(
+            clip, CLIPTrainingConfig(steps=60, lr=1e-2, word_weight=1.0), batches(), progress=False
+        )
+    (head,) = heads
+    with torch.no_grad():
+        input_ids, mask = clip.text_encoder.tokenize(captions)
+        logits = head(clip.text_encoder.encode(captions).pooled)
+    # Better than the best guess that ignores the caption (each word's frequency): the head reads the words.
+    targets = head.targets(input_ids, mask)
+    frequency = targets.mean(0, keepdim=True).clamp(1e-4, 1 - 1e-4).expand_as(targets)
+    blind = torch.nn.functional.binary_cross_entropy(frequency, targets)
+    assert torch.nn.functional.binary_cross_entropy_with_logits(logits, targets) < 0.8 * blind
+    # and the loss is part of clip_loss, with its weight
+    latents = torch.randn(4, 4, 32, 32)
+    with torch.no_grad():
+        plain = clip_loss(clip, latents, captions[:4])
+        weighted = clip_loss(clip, latents, captions[:4], word_head=head, word_weight=2.0)
+        words = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits[:4], head.targets(input_ids, mask)[:4]
+        )
+    torch.testing.assert_close(weighted - plain, 2.0 * words)
 
 
 def test_gan_steps_move_the_losses_and_checkpoint_resumes(tmp_path: Path) -> None:

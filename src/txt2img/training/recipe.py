@@ -6,7 +6,8 @@ and a GAN, each trained on the CPU in turn, then saved as an ordinary ``Txt2ImgP
 Stages and what each one hands on:
 1. VAE: 64 × 64 images ↔ 32 × 32 × 8 latents; fitted ``shift_factor``/``scaling_factor``.
 2. Latent pool: ``pool_size`` renderings (held-out pairs excluded) encoded once to scaled latents.
-3. Text encoder: a word-level CLIP text model trained against a latent-image encoder on the pool.
+3. Text encoder: a word-level CLIP text model trained against a latent-image encoder on the pool, with a
+   bag-of-words loss that keeps each word readable from the pooled vector.
 4. GAN: the native generator trained on the pool with the frozen text encoder (``gan_training``).
 5. Save: text encoder + EMA generator + VAE decoder as a pipeline folder (``DIR/model``), the VAE encoder
    beside it (``DIR/vae_encoder``), sample grids in ``DIR/samples``.
@@ -116,7 +117,7 @@ class ShapesRecipe:
         )
     )
     clip_training: CLIPTrainingConfig = dataclasses.field(
-        default_factory=lambda: CLIPTrainingConfig(steps=600)
+        default_factory=lambda: CLIPTrainingConfig(steps=600, word_weight=1.0)
     )
     gan_training: GANTrainingConfig = dataclasses.field(
         default_factory=lambda: GANTrainingConfig(
@@ -143,7 +144,7 @@ class ShapesRecipe:
                 attention_heads=2,
             ),
             vae_training=VAETrainingConfig(steps=20, decoder_steps=5),
-            clip_training=CLIPTrainingConfig(steps=20),
+            clip_training=CLIPTrainingConfig(steps=20, word_weight=1.0),
             gan_training=GANTrainingConfig(
                 steps=20, batch_size=16, sample_every=10, checkpoint_every=10, discriminator_width=16
             ),
@@ -219,6 +220,7 @@ def model_card(
     resumed = (
         f" Trained in more than one run: the last resumed at GAN step {resumed_at}." if resumed_at else ""
     )
+    words = ", with a bag-of-words loss on its pooled vector" if recipe.clip_training.word_weight > 0 else ""
     return {
         "license": "apache-2.0",
         "datasets": ["Shapes-64 (procedural, txt2img.training.shapes)"],
@@ -232,7 +234,7 @@ def model_card(
             f"`{command}` (txt2img.training.recipe): "
             f"a KL-VAE ({recipe.vae_training.steps} steps, then {recipe.vae_training.decoder_steps} of the "
             "decoder alone), a word-level CLIP text encoder "
-            f"({recipe.clip_training.steps} steps), then the GAN ({recipe.gan_training.steps} steps of "
+            f"({recipe.clip_training.steps} steps{words}), then the GAN ({recipe.gan_training.steps} steps of "
             f"{recipe.gan_training.batch_size}); the EMA generator is the one saved. Held-out (colour, shape) "
             f"pairs never seen in training: {', '.join(' '.join(pair) for pair in sorted(shapes.HELD_OUT))}. "
             f"{total:.0f} s on the CPU of the training machine "
