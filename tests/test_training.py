@@ -37,7 +37,7 @@ from txt2img.training.gan_training import (
     r1_penalty,
     train_gan,
 )
-from txt2img.training.recipe import ShapesRecipe, image_batches, run, vocabulary
+from txt2img.training.recipe import ShapesRecipe, changed_settings, image_batches, run, vocabulary
 from txt2img.training.vae_training import (
     VAETrainingConfig,
     decoder_loss,
@@ -383,6 +383,15 @@ def test_training_command_trains_a_finished_run_on(tiny_run: Path, tmp_path: Pat
     assert (
         folder / "checkpoint" / "tensors.safetensors"
     ).read_bytes() == before  # nothing trained or written
+    # A run made with other settings (here: before the text encoder's word loss) is not resumed.
+    saved = (folder / "recipe.json").read_text()
+    older = json.loads(saved)
+    older["clip_training"]["word_weight"] = 0.0
+    (folder / "recipe.json").write_text(json.dumps(older))
+    assert command.main([*argv, "--gan-steps", "30"]) == 1
+    assert "recipe.json was written with other settings (clip_training)" in capsys.readouterr().err
+    assert (folder / "checkpoint" / "tensors.safetensors").read_bytes() == before
+    (folder / "recipe.json").write_text(saved)
     first = json.loads((folder / "timings.json").read_text())
     first_seconds = read_extra(folder / "checkpoint")["seconds"]
     assert 0 < first_seconds <= first["gan"]
@@ -399,6 +408,19 @@ def test_training_command_trains_a_finished_run_on(tiny_run: Path, tmp_path: Pat
     with pytest.raises(SystemExit):
         command.main([*argv, "--gan-steps", "0"])
     assert "--gan-steps must be 1 or more" in capsys.readouterr().err
+
+
+def test_a_resume_checks_the_settings_of_the_stages_it_reloads() -> None:
+    recipe = ShapesRecipe.tiny()
+    saved = json.loads(json.dumps(recipe.to_dict()))
+    saved["gan_training"]["steps"] = 5  # training on for more steps is what a resume is for
+    saved["eval_images"] = 99
+    assert changed_settings(saved, recipe, gan_resumed=True) == []
+    saved["gan_training"]["lr_g"] = 1.0
+    saved["seed"] = 7
+    assert changed_settings(saved, recipe, gan_resumed=True) == ["seed", "gan_training"]
+    # Without a GAN checkpoint only the VAE stage is reloaded; the later ones are trained again.
+    assert changed_settings(saved, recipe, gan_resumed=False) == ["seed"]
 
 
 def test_evaluate_judges_a_checkpoints_ema_generator(tiny_run: Path, tmp_path: Path, capsys) -> None:

@@ -248,6 +248,32 @@ def model_card(
     }
 
 
+VAE_SETTINGS = ("seed", "vae", "vae_batch_size", "vae_training")  # what made a saved VAE stage
+
+
+def changed_settings(saved: dict[str, Any], recipe: ShapesRecipe, *, gan_resumed: bool) -> list[str]:
+    """The settings of ``recipe`` that differ from a run's saved ``recipe.json`` and matter to a resume: those
+    of the VAE stage, and with a GAN checkpoint to continue every training setting but the GAN's steps.
+
+    Args:
+        saved: The run's ``recipe.json``.
+        recipe: The settings the run is resumed with.
+        gan_resumed: Whether the GAN continues from a checkpoint (else only the VAE stage is reloaded).
+
+    Returns:
+        The names of the changed settings, in the order of ``recipe.json``.
+    """
+    current = json.loads(json.dumps(recipe.to_dict()))  # tuples as lists, as in the file
+    names = [name for name in current if name != "eval_images"] if gan_resumed else list(VAE_SETTINGS)
+
+    def value(settings: dict[str, Any], name: str) -> Any:
+        if name == "gan_training" and isinstance(settings.get(name), dict):
+            return {key: v for key, v in settings[name].items() if key != "steps"}
+        return settings.get(name)
+
+    return [name for name in names if value(saved, name) != value(current, name)]
+
+
 def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume: bool = False) -> Path:
     """Train every stage and save the pipeline.
 
@@ -261,7 +287,8 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         The saved pipeline folder, ``out/model``.
 
     Raises:
-        ValueError: resuming from a checkpoint past ``recipe.gan_training.steps``.
+        ValueError: resuming from a checkpoint past ``recipe.gan_training.steps``; resuming a run whose
+            ``recipe.json`` has other settings for the stages it would reload (``changed_settings``).
     """
     out = Path(out)
     resumed_at = None  # the GAN step a resumed run starts from
@@ -271,6 +298,15 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
             raise ValueError(
                 f"{out / 'checkpoint'} is at GAN step {resumed_at}, past the {recipe.gan_training.steps} steps "
                 f"asked for: ask for {resumed_at} or more (--gan-steps), or start the run in another folder."
+            )
+    if resume and (out / "recipe.json").is_file() and (out / "vae_encoder").is_dir():
+        saved = json.loads((out / "recipe.json").read_text())
+        changed = changed_settings(saved, recipe, gan_resumed=resumed_at is not None)
+        if changed:
+            raise ValueError(
+                f"{out / 'recipe.json'} was written with other settings ({', '.join(changed)}) than this run's: "
+                "resuming would pair the stages saved there with ones trained differently. Resume with the "
+                "settings (and txt2img version) that started the run, or start the run in another folder."
             )
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
