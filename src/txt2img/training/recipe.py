@@ -299,7 +299,8 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
                 f"{out / 'checkpoint'} is at GAN step {resumed_at}, past the {recipe.gan_training.steps} steps "
                 f"asked for: ask for {resumed_at} or more (--gan-steps), or start the run in another folder."
             )
-    if resume and (out / "recipe.json").is_file() and (out / "vae_encoder").is_dir():
+    reloaded = resume and (out / "vae_encoder").is_dir()  # the VAE stage is loaded, not trained
+    if reloaded and (out / "recipe.json").is_file():
         saved = json.loads((out / "recipe.json").read_text())
         changed = changed_settings(saved, recipe, gan_resumed=resumed_at is not None)
         if changed:
@@ -321,7 +322,6 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
 
     # 1. VAE
     start = time.perf_counter()
-    reloaded = resume and (out / "vae_encoder").is_dir()
     if reloaded:
         encoder = VAEEncoder.from_pretrained(out / "vae_encoder")
         decoder = VAEDecoder.from_pretrained(out / "vae")
