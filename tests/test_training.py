@@ -30,8 +30,10 @@ from txt2img.training.clip import (
 from txt2img.training.gan_training import (
     GANTrainingConfig,
     TrainingDiverged,
+    ProjectionDiscriminator,
     augment,
     d_hinge_loss,
+    discriminator_loss,
     g_hinge_loss,
     make_state,
     r1_penalty,
@@ -570,6 +572,24 @@ def test_losses_have_the_right_signs() -> None:
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     assert r1_penalty((x * 3).sum(dim=(1, 2, 3)), x) == pytest.approx(9 * 4 * 8 * 8)
     assert kl_divergence(torch.zeros(3), torch.zeros(3)) == 0
+
+
+def test_discriminator_scores_reals_under_both_captions_in_one_pass_as_two_passes_would() -> None:
+    torch.manual_seed(0)
+    d = ProjectionDiscriminator(4, 8, 8, width=8, features=16)
+    real, fake = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    pooled, mismatched = torch.randn(3, 8), torch.randn(3, 8)
+    both = d(real, torch.stack([pooled, mismatched]))
+    assert both.shape == (2, 3)
+    torch.testing.assert_close(both[0], d(real, pooled))
+    torch.testing.assert_close(both[1], d(real, mismatched))
+
+    training = GANTrainingConfig(mismatch_weight=0.5)
+    loss = discriminator_loss(
+        lambda net, *args: net(*args), d, real, fake, pooled, mismatched, lambda x: x, training, r1=False
+    )
+    expected = d_hinge_loss(d(real, pooled), d(fake, pooled), d(real, mismatched), 0.5)
+    torch.testing.assert_close(loss, expected)
 
 
 def test_augment_shifts_by_at_most_one_pixel_and_keeps_shape() -> None:

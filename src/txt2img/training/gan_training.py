@@ -113,6 +113,9 @@ class DiscriminatorBlock(nn.Module):
 class ProjectionDiscriminator(nn.Module):
     """Latents or images (B, C, S, S) and pooled text (B, text_dim) → one logit per sample (B,).
 
+    Pooled text of shape (K, B, text_dim) scores each sample under K captions at the cost of one pass over
+    the inputs (the text enters only at the end) → logits (K, B).
+
     ``stages`` blocks each halve the side and double the channels (``width`` first). The final features keep
     their spatial layout (flattened, not pooled), so the discriminator can check where things are as well as
     what they are.
@@ -156,7 +159,7 @@ class ProjectionDiscriminator(nn.Module):
     def forward(self, latents: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.from_latent(latents)).flatten(1)
         h = F.leaky_relu(self.to_features(F.leaky_relu(h, 0.2)), 0.2)  # (B, features)
-        return self.out(h).squeeze(1) + (self.embed_text(pooled) * h).sum(1)
+        return self.out(h).squeeze(1) + (self.embed_text(pooled) * h).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,8 +186,9 @@ def discriminator_loss(
     r1: bool,
 ) -> torch.Tensor:
     """One discriminator's loss: the hinge loss on augmented reals, fakes (detached) and reals under
-    mismatched captions, each its own pass (smaller activations than one concatenated batch), plus, when
-    ``r1``, the lazy R1 penalty on a separate pass over reals.
+    mismatched captions, plus, when ``r1``, the lazy R1 penalty on a separate pass over reals. The reals
+    are scored under their true and their mismatched captions in one pass; the fakes take a second (two
+    passes hold smaller activations than one concatenated batch).
 
     Args:
         run: Calls the discriminator: ``run(d, inputs, pooled)`` (``d`` itself, or its data-parallel wrapper).
@@ -200,10 +204,11 @@ def discriminator_loss(
     Returns:
         The scalar loss.
     """
+    real_logits, mismatched_logits = run(d, augment_fn(real), torch.stack([pooled, mismatched]))
     loss = d_hinge_loss(
-        run(d, augment_fn(real), pooled),
+        real_logits,
         run(d, augment_fn(fake.detach()), pooled),
-        run(d, augment_fn(real), mismatched),
+        mismatched_logits,
         training.mismatch_weight,
     )
     if r1:
