@@ -29,8 +29,8 @@ from txt2img.training.clip import (
 )
 from txt2img.training.gan_training import (
     GANTrainingConfig,
-    TrainingDiverged,
     ProjectionDiscriminator,
+    TrainingDiverged,
     augment,
     d_hinge_loss,
     discriminator_loss,
