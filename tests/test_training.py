@@ -29,6 +29,7 @@ from txt2img.training.clip import (
 )
 from txt2img.training.gan_training import (
     GANTrainingConfig,
+    GANTrainingState,
     ProjectionDiscriminator,
     TrainingDiverged,
     augment,
@@ -311,6 +312,36 @@ def small_gan() -> tuple[LatentCLIP, GANConfig]:
         recipe.gan, text_dim=32, pooled_dim=32, channels=(32, 16, 8), attention=(True, False, False)
     )
     return clip, gan_config
+
+
+def test_gan_step_of_a_longer_run_equals_a_run_that_stops_there(tmp_path: Path) -> None:
+    # The shipped model is an early checkpoint of a longer run: nothing drawn may depend on the total steps.
+    clip, gan_config = small_gan()
+    captions = ["a small red circle at the top on a blue background", "a large green square on black"] * 2
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(4, 4, 16, 16, generator=generator), captions
+
+    def train(steps: int, out: Path) -> tuple[GANTrainingState, dict[str, dict[str, torch.Tensor]]]:
+        snapshots = {}
+
+        def snapshot(generator: GANGenerator, path: Path) -> None:
+            snapshots[path.stem] = {k: v.clone() for k, v in generator.state_dict().items()}
+
+        torch.manual_seed(0)
+        training = GANTrainingConfig(steps=steps, batch_size=4, sample_every=2, checkpoint_every=0)
+        state = make_state(GANGenerator(gan_config), training, size=16)
+        train_gan(state, training, batches(), clip, out_dir=out, sample_fn=snapshot, progress=False)
+        return state, snapshots
+
+    short, _ = train(2, tmp_path / "short")
+    _, snapshots = train(4, tmp_path / "long")
+    assert snapshots.keys() == {"step-000002", "step-000004"}
+    for name, value in short.generator_ema.state_dict().items():
+        assert torch.equal(snapshots["step-000002"][name], value), name
+    assert any(not torch.equal(snapshots["step-000004"][k], v) for k, v in snapshots["step-000002"].items())
 
 
 def test_gan_divergence_stops_the_run_before_its_step(tmp_path: Path) -> None:
