@@ -81,3 +81,10 @@ def test_compile_tiny_prints_its_table(tmp_path: Path) -> None:
         assert f"| {timed} |" in out
     assert "In a new process with Inductor's cache warm, the first call:" in out
     assert any(tmp_path.rglob("*.py"))  # the compiled code, kept for the second process
+
+
+def test_gan_training_step_tiny_prints_a_row_per_setting() -> None:
+    out = run_script("gan_training_step.py", "--tiny", "--steps", "2", "--rounds", "1")
+    assert "| r1_every | channels_last | s per step (median) |" in out
+    for r1_every, channels_last in ((4, False), (16, False), (4, True), (16, True)):
+        assert f"| {r1_every} | {channels_last} | " in out

@@ -36,6 +36,7 @@ from txt2img.training.gan_training import (
     d_hinge_loss,
     discriminator_loss,
     g_hinge_loss,
+    learning_rate_scale,
     make_state,
     r1_penalty,
     train_gan,
@@ -340,6 +341,87 @@ def test_gan_step_of_a_longer_run_equals_a_run_that_stops_there(tmp_path: Path) 
     for name, value in short.generator_ema.state_dict().items():
         assert torch.equal(snapshots["step-000002"][name], value), name
     assert any(not torch.equal(snapshots["step-000004"][k], v) for k, v in snapshots["step-000002"].items())
+
+
+def test_gan_learning_rates_fall_linearly_over_the_last_steps_and_resume_on_schedule(tmp_path: Path) -> None:
+    clip, gan_config = small_gan()
+    captions = ["a small red circle at the top on a blue background", "a large green square on black"] * 2
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(4, 4, 16, 16, generator=generator), captions
+
+    def record(state: GANTrainingState) -> list[tuple[float, float]]:
+        """The (generator, discriminator) learning rates of each optimizer step the state takes."""
+        used: list[tuple[float, float]] = []
+        step_g = state.opt_g.step
+
+        def step(*args, **kwargs):
+            used.append((state.opt_g.param_groups[0]["lr"], state.opt_d.param_groups[0]["lr"]))
+            return step_g(*args, **kwargs)
+
+        state.opt_g.step = step  # type: ignore[method-assign]
+        return used
+
+    torch.manual_seed(0)
+    training = GANTrainingConfig(
+        steps=5, batch_size=4, lr_g=2e-3, lr_d=1e-3, lr_decay_steps=3, sample_every=0, checkpoint_every=3
+    )
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    used = record(state)
+    train_gan(state, training, batches(), clip, out_dir=tmp_path, progress=False)
+    factors = [1.0, 1.0, 1.0, 2 / 3, 1 / 3]  # the last three steps: 3/3, 2/3, 1/3 of the learning rates
+    np.testing.assert_allclose(used, [(2e-3 * f, 1e-3 * f) for f in factors], rtol=1e-12)
+    # A run resumed from the step-3 checkpoint goes on down the same schedule.
+    resumed = make_state(GANGenerator(gan_config), training, size=16)
+    resumed.load(tmp_path / "checkpoint")
+    assert resumed.step == 3
+    used = record(resumed)
+    train_gan(resumed, training, batches(), clip, progress=False)
+    np.testing.assert_allclose(used, [(2e-3 * f, 1e-3 * f) for f in factors[3:]], rtol=1e-12)
+    assert [learning_rate_scale(step, 5, 0) for step in range(5)] == [1.0] * 5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gan_channels_last_switch_sets_the_networks_memory_format_and_keeps_their_values(
+    channels_last: bool,
+) -> None:
+    clip, gan_config = small_gan()
+    captions = ["a small red circle at the top on a blue background", "a large green square on black"] * 2
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(4, 4, 16, 16, generator=generator), captions
+
+    torch.manual_seed(0)
+    training = GANTrainingConfig(
+        steps=2, batch_size=4, sample_every=0, checkpoint_every=0, channels_last=channels_last
+    )
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    train_gan(state, training, batches(), clip, progress=False)
+    nets = (state.generator, state.generator_ema, state.discriminator, clip)
+    weights = [
+        m.weight
+        for net in nets
+        for m in net.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)
+    ]
+    expected = torch.channels_last if channels_last else torch.contiguous_format
+    assert weights and all(w.is_contiguous(memory_format=expected) for w in weights)
+    # The format changes the layout, not what the networks compute.
+    z = torch.randn(4, gan_config.z_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        text = clip.text_encoder.encode(captions)
+        outputs = []
+        for memory_format in (expected, torch.contiguous_format if channels_last else torch.channels_last):
+            for net in nets:
+                net.to(memory_format=memory_format)
+            fake = state.generator_ema.generate(z, text)
+            outputs.append((fake, state.discriminator(fake, text.pooled), clip.embed_latents(fake)))
+    for first, second in zip(*outputs):
+        torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-5)
 
 
 def test_gan_divergence_stops_the_run_before_its_step(tmp_path: Path) -> None:

@@ -44,6 +44,9 @@ class GANTrainingConfig:
     batch_size: Images per step.
     lr_g: Generator learning rate (its layers use equalised learning rates).
     lr_d: Discriminator learning rate.
+    lr_decay_steps: Over the last this many of ``steps``, both learning rates fall linearly toward zero
+        (``learning_rate_scale``; 0: constant). The schedule depends on ``steps``: with decay on, a run's
+        step-N networks differ from those of a run stopped at N.
     r1_gamma: Weight γ of the R1 penalty γ/2 ‖∇D(x)‖².
     r1_every: Apply R1 every this many steps (scaled up to match).
     mismatch_weight: Weight of real images with mismatched captions as fakes.
@@ -64,6 +67,10 @@ class GANTrainingConfig:
         its three stages).
     sample_every: Write a sample grid every this many steps (0: never).
     checkpoint_every: Write a checkpoint every this many steps (0: never).
+    channels_last: Train the networks (the state's, and the latent CLIP's image encoder) and their batches in
+        the channels-last memory format: the same values up to float rounding, about 5% less time a step on
+        CPU (``benchmarks/gan_training_step.py``). Off by default: the rounding changes a run's trajectory,
+        and the recipe's seed-0 run diverged with it (docs/training.md).
     divergence_limit: Stop with ``TrainingDiverged``, before the optimizer step, when a loss is not finite
         or its magnitude exceeds this (0: only non-finite losses stop it). Runs of the recipe keep their
         losses within about ±35, with spikes: one recovered from 4,139; two that passed 10⁶ had not recovered
@@ -74,6 +81,7 @@ class GANTrainingConfig:
     batch_size: int = 64
     lr_g: float = 2e-3
     lr_d: float = 1e-3
+    lr_decay_steps: int = 0
     r1_gamma: float = 0.1
     r1_every: int = 4
     mismatch_weight: float = 1.0
@@ -89,6 +97,7 @@ class GANTrainingConfig:
     pixel_discriminator_width: int = 16
     sample_every: int = 500
     checkpoint_every: int = 500
+    channels_last: bool = False
     divergence_limit: float = 100_000.0
 
 
@@ -248,6 +257,15 @@ def augment(
     return x
 
 
+def learning_rate_scale(step: int, steps: int, decay_steps: int) -> float:
+    """The factor on the learning rates at 0-based ``step`` of ``steps``: 1, then over the last
+    ``decay_steps`` steps linearly down to ``1 / decay_steps`` at the final step (1 throughout when
+    ``decay_steps`` is 0)."""
+    if decay_steps <= 0:
+        return 1.0
+    return min(1.0, (steps - step) / decay_steps)
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema ← decay · ema + (1 − decay) · model, for parameters and buffers."""
@@ -286,8 +304,8 @@ def check_divergence(
         shown = ", ".join(f"{name} = {v:.4g}" for name, v in bad.items()) or "a loss of another rank"
         raise TrainingDiverged(
             f"GAN training diverged at step {step}: {shown} (divergence_limit {limit:g}). The step was not "
-            f"completed, and {checkpoint}. Start again, or resume from that checkpoint, with lower learning "
-            "rates (lr_g, lr_d), a larger r1_gamma or another seed."
+            f"completed, and {checkpoint}. Start again, or resume from the checkpoint if one was written, "
+            "with lower learning rates (lr_g, lr_d), a larger r1_gamma or another seed."
         )
     return values
 
@@ -614,6 +632,10 @@ def train_gan(
     rng = torch.Generator().manual_seed(distributed.rank_seed(seed) + 1 + state.step)
     out = Path(out_dir) if out_dir is not None and distributed.is_main_process() else None
     g, d = state.generator, state.discriminator
+    memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
+    for net in (g, state.generator_ema, d, state.pixel_discriminator, clip):
+        if net is not None:
+            net.to(memory_format=memory_format)
     run_g, run_d = distributed.data_parallel(g), distributed.data_parallel(d)  # plain calls in one process
     progress = progress and distributed.is_main_process()
     decay = 0.5 ** (training.batch_size / training.ema_half_life)
@@ -641,7 +663,12 @@ def train_gan(
         total=training.steps,
     )
     for step in bar:
+        scale = learning_rate_scale(step, training.steps, training.lr_decay_steps)
+        for optimizer, lr in ((state.opt_d, training.lr_d), (state.opt_g, training.lr_g)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
         real, captions = next(batches)
+        real = real.contiguous(memory_format=memory_format)
         with torch.no_grad():
             text = clip.text_encoder.encode(captions)
             clip_text = F.normalize(clip.text_projection(text.pooled), dim=-1)

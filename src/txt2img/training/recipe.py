@@ -125,6 +125,15 @@ class ShapesRecipe:
         )
     )
 
+    def generator_config(self) -> GANConfig:
+        """``gan`` sized for this recipe's VAE latents and text encoder."""
+        return dataclasses.replace(
+            self.gan,
+            latent_channels=self.vae.latent_channels,
+            text_dim=self.text.hidden_size,
+            pooled_dim=self.text.hidden_size,
+        )
+
     @classmethod
     def tiny(cls, seed: int = 0) -> ShapesRecipe:
         """A few steps of every stage on small networks: for tests and smoke runs (about a minute)."""
@@ -362,15 +371,9 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
 
     # 4. GAN
     start = time.perf_counter()
-    gan_config = dataclasses.replace(
-        recipe.gan,
-        latent_channels=recipe.vae.latent_channels,
-        text_dim=recipe.text.hidden_size,
-        pooled_dim=recipe.text.hidden_size,
-    )
     torch.manual_seed(recipe.seed)
     state = make_state(
-        GANGenerator(gan_config),
+        GANGenerator(recipe.generator_config()),
         recipe.gan_training,
         size=pool.latents.shape[-1],
         image_size=pool.latents.shape[-1] * decoder.scale_factor,
@@ -379,7 +382,9 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     if resume and (out / "checkpoint").is_dir():
         state.load(out / "checkpoint")
     sample_noise = torch.randn(
-        len(SAMPLE_PROMPTS) * 4, gan_config.z_dim, generator=torch.Generator().manual_seed(recipe.seed)
+        len(SAMPLE_PROMPTS) * 4,
+        state.generator.config.z_dim,
+        generator=torch.Generator().manual_seed(recipe.seed),
     )
 
     @torch.no_grad()
