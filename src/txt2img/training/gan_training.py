@@ -635,7 +635,7 @@ def train_gan(
     memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
     for net in (g, state.generator_ema, d, state.pixel_discriminator, clip):
         if net is not None:
-            net.to(memory_format=memory_format)
+            net.to(memory_format=memory_format)  # type: ignore[call-overload]  # (torch's stubs lack it)
     run_g, run_d = distributed.data_parallel(g), distributed.data_parallel(d)  # plain calls in one process
     progress = progress and distributed.is_main_process()
     decay = 0.5 ** (training.batch_size / training.ema_half_life)
