@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import platform
 import statistics
 import time
@@ -51,7 +52,7 @@ def main() -> None:
 
     def batches() -> Iterator[tuple[torch.Tensor, list[str]]]:
         generator = torch.Generator().manual_seed(0)
-        for i in range(10**9):
+        for i in itertools.count():
             yield (
                 torch.randn(batch, recipe.vae.latent_channels, side, side, generator=generator),
                 captions[i % 4],
