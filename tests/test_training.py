@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -313,15 +314,19 @@ def small_gan() -> tuple[LatentCLIP, GANConfig]:
     return clip, gan_config
 
 
+SMALL_CAPTIONS = ["a small red circle at the top on a blue background", "a large green square on black"] * 2
+
+
+def small_batches() -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Seeded random latents (4, 4, 16, 16) for ``small_gan``'s networks, under ``SMALL_CAPTIONS``."""
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randn(4, 4, 16, 16, generator=generator), SMALL_CAPTIONS
+
+
 def test_gan_step_of_a_longer_run_equals_a_run_that_stops_there(tmp_path: Path) -> None:
     # The shipped model is an early checkpoint of a longer run: nothing drawn may depend on the total steps.
     clip, gan_config = small_gan()
-    captions = ["a small red circle at the top on a blue background", "a large green square on black"] * 2
-
-    def batches():
-        generator = torch.Generator().manual_seed(0)
-        while True:
-            yield torch.randn(4, 4, 16, 16, generator=generator), captions
 
     def train(steps: int, out: Path) -> tuple[GANTrainingState, dict[str, dict[str, torch.Tensor]]]:
         snapshots = {}
@@ -332,7 +337,7 @@ def test_gan_step_of_a_longer_run_equals_a_run_that_stops_there(tmp_path: Path) 
         torch.manual_seed(0)
         training = GANTrainingConfig(steps=steps, batch_size=4, sample_every=2, checkpoint_every=0)
         state = make_state(GANGenerator(gan_config), training, size=16)
-        train_gan(state, training, batches(), clip, out_dir=out, sample_fn=snapshot, progress=False)
+        train_gan(state, training, small_batches(), clip, out_dir=out, sample_fn=snapshot, progress=False)
         return state, snapshots
 
     short, _ = train(2, tmp_path / "short")
@@ -345,12 +350,6 @@ def test_gan_step_of_a_longer_run_equals_a_run_that_stops_there(tmp_path: Path) 
 
 def test_gan_learning_rates_fall_linearly_over_the_last_steps_and_resume_on_schedule(tmp_path: Path) -> None:
     clip, gan_config = small_gan()
-    captions = ["a small red circle at the top on a blue background", "a large green square on black"] * 2
-
-    def batches():
-        generator = torch.Generator().manual_seed(0)
-        while True:
-            yield torch.randn(4, 4, 16, 16, generator=generator), captions
 
     def record(state: GANTrainingState) -> list[tuple[float, float]]:
         """The (generator, discriminator) learning rates of each optimizer step the state takes."""
@@ -370,7 +369,7 @@ def test_gan_learning_rates_fall_linearly_over_the_last_steps_and_resume_on_sche
     )
     state = make_state(GANGenerator(gan_config), training, size=16)
     used = record(state)
-    train_gan(state, training, batches(), clip, out_dir=tmp_path, progress=False)
+    train_gan(state, training, small_batches(), clip, out_dir=tmp_path, progress=False)
     factors = [1.0, 1.0, 1.0, 2 / 3, 1 / 3]  # the last three steps: 3/3, 2/3, 1/3 of the learning rates
     np.testing.assert_allclose(used, [(2e-3 * f, 1e-3 * f) for f in factors], rtol=1e-12)
     # A run resumed from the step-3 checkpoint goes on down the same schedule.
@@ -378,7 +377,7 @@ def test_gan_learning_rates_fall_linearly_over_the_last_steps_and_resume_on_sche
     resumed.load(tmp_path / "checkpoint")
     assert resumed.step == 3
     used = record(resumed)
-    train_gan(resumed, training, batches(), clip, progress=False)
+    train_gan(resumed, training, small_batches(), clip, progress=False)
     np.testing.assert_allclose(used, [(2e-3 * f, 1e-3 * f) for f in factors[3:]], rtol=1e-12)
     assert [learning_rate_scale(step, 5, 0) for step in range(5)] == [1.0] * 5
 
@@ -388,19 +387,12 @@ def test_gan_channels_last_switch_sets_the_networks_memory_format_and_keeps_thei
     channels_last: bool,
 ) -> None:
     clip, gan_config = small_gan()
-    captions = ["a small red circle at the top on a blue background", "a large green square on black"] * 2
-
-    def batches():
-        generator = torch.Generator().manual_seed(0)
-        while True:
-            yield torch.randn(4, 4, 16, 16, generator=generator), captions
-
     torch.manual_seed(0)
     training = GANTrainingConfig(
         steps=2, batch_size=4, sample_every=0, checkpoint_every=0, channels_last=channels_last
     )
     state = make_state(GANGenerator(gan_config), training, size=16)
-    train_gan(state, training, batches(), clip, progress=False)
+    train_gan(state, training, small_batches(), clip, progress=False)
     nets = (state.generator, state.generator_ema, state.discriminator, clip)
     weights = [
         m.weight
@@ -413,7 +405,7 @@ def test_gan_channels_last_switch_sets_the_networks_memory_format_and_keeps_thei
     # The format changes the layout, not what the networks compute.
     z = torch.randn(4, gan_config.z_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        text = clip.text_encoder.encode(captions)
+        text = clip.text_encoder.encode(SMALL_CAPTIONS)
         outputs = []
         for memory_format in (expected, torch.contiguous_format if channels_last else torch.channels_last):
             for net in nets:
