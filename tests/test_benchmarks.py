@@ -88,3 +88,11 @@ def test_gan_training_step_tiny_prints_a_row_per_setting() -> None:
     assert "| r1_every | channels_last | s per step (median) |" in out
     for r1_every, channels_last in ((4, False), (16, False), (4, True), (16, True)):
         assert f"| {r1_every} | {channels_last} | " in out
+
+
+def test_vae_training_step_tiny_prints_a_row_per_setting() -> None:
+    out = run_script("vae_training_step.py", "--tiny", "--steps", "1", "--rounds", "1")
+    assert "| step | mid-block attention | s per step (median) |" in out
+    for kind in ("joint", "decoder only"):
+        for attention in (True, False):
+            assert f"| {kind} | {attention} | " in out

@@ -97,6 +97,7 @@ class ShapesRecipe:
             norm_num_groups=8,
             sample_size=64,
             latent_channels=8,
+            mid_block_add_attention=False,
         )
     )
     text: TextEncoderShape = dataclasses.field(default_factory=TextEncoderShape)
@@ -121,7 +122,12 @@ class ShapesRecipe:
     )
     gan_training: GANTrainingConfig = dataclasses.field(
         default_factory=lambda: GANTrainingConfig(
-            steps=3500, discriminator_width=32, hard_negative_fraction=0.75
+            steps=3500,
+            discriminator_width=32,
+            hard_negative_fraction=0.75,
+            r1_gamma=0.4,
+            r1_every=16,
+            channels_last=True,
         )
     )
 
