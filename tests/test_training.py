@@ -473,7 +473,9 @@ def test_training_command_reports_a_diverged_run(monkeypatch, capsys, tmp_path: 
 
     monkeypatch.setattr(recipe, "run", diverge)
     assert command.main(["shapes", "--out", str(tmp_path), "--tiny", "--quiet"]) == 1
-    assert "error: GAN training diverged at step 7" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: GAN training diverged at step 7" in err
+    assert "--resume continues a run only with the settings it started with" in err
 
 
 def test_training_command_trains_a_finished_run_on(tiny_run: Path, tmp_path: Path, capsys) -> None:

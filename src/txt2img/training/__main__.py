@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                 model = run(recipe, args.out, progress=progress, resume=args.resume)
         except (TrainingDiverged, ValueError) as error:
             print(f"python -m txt2img.training: error: {error}", file=sys.stderr)
+            # The message's advice is train_gan's; this command resumes only with the settings a run began with.
+            if isinstance(error, TrainingDiverged):
+                print(
+                    "python -m txt2img.training: --resume continues a run only with the settings it started "
+                    "with; for another seed or other settings, start again with another --out folder.",
+                    file=sys.stderr,
+                )
             return 1
         if main:
             print(f"wrote {model} in {time.perf_counter() - start:.0f} s")
