@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     recipe = ShapesRecipe.tiny() if args.tiny else ShapesRecipe()
-    side = recipe.vae.sample_size // 2 ** (len(recipe.vae.block_out_channels) - 1)  # latent side
+    side = recipe.vae.sample_size // recipe.vae.scale_factor  # latent side
     clip = LatentCLIP(build_text_encoder(vocabulary(), recipe.text), recipe.vae.latent_channels, side)
     clip.eval().requires_grad_(False)
     gan = recipe.generator_config()

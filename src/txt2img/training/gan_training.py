@@ -69,12 +69,13 @@ class GANTrainingConfig:
     checkpoint_every: Write a checkpoint every this many steps (0: never).
     channels_last: Train the networks (the state's, and the latent CLIP's image encoder) and their batches in
         the channels-last memory format: the same values up to float rounding, about 5% less time a step on
-        CPU (``benchmarks/gan_training_step.py``). Off by default: the rounding changes a run's trajectory,
-        and the recipe's seed-0 run diverged with it (docs/training.md).
+        CPU (``benchmarks/gan_training_step.py``). Off by default; the recipe turns it on, with R1 every 16
+        steps at ``r1_gamma=0.4``: with the default R1 settings the rounding alone tipped a seed-0 run into
+        divergence (docs/training.md).
     divergence_limit: Stop with ``TrainingDiverged``, before the optimizer step, when a loss is not finite
-        or its magnitude exceeds this (0: only non-finite losses stop it). Runs of the recipe keep their
-        losses within about ±35, with spikes: one recovered from 4,139; two that passed 10⁶ had not recovered
-        150 and 290 steps later.
+        or its magnitude exceeds this (0: only non-finite losses stop it). Runs of the recipe have kept
+        their losses within about ±35, with spikes: one recovered from 4,139; runs that passed 10⁶ had not
+        recovered 150 and 290 steps later, and one (the recipe's seed 1) passed 10⁴ within eight steps.
     """
 
     steps: int = 3000
