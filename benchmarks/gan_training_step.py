@@ -1,8 +1,11 @@
 """Seconds per GAN training step of the shapes recipe under its speed settings, alternating in one process.
 
-Each row is one combination of ``GANTrainingConfig.r1_every`` (the lazy R1 penalty every 4 or every 16 steps)
-and ``GANTrainingConfig.channels_last`` (the networks in the channels-last memory format or not), trained on
-the recipe's networks and batch size with random latents in place of the latent pool. Each setting gets its
+Each row is one combination of ``GANTrainingConfig.r1_every`` (the lazy R1 penalty every 4 or every 16 steps),
+``GANTrainingConfig.channels_last`` (the networks in the channels-last memory format or not) and
+``GANTrainingConfig.discriminator_pool_first_from`` (which of the discriminator's blocks pool before their
+widening conv: none, all, or the second only), trained on the recipe's networks and batch size with random
+latents in place of the latent pool, at a hundredth of the recipe's learning rates (on random latents its
+own rates can diverge within 50 steps; the arithmetic of a step is the same at any rate). Each setting gets its
 own networks and a warm-up; then the settings take turns, ``--steps`` steps each, ``--rounds`` times, and the
 table gives each one's median. The numbers in docs/training.md come from:
 
@@ -25,10 +28,18 @@ import torch
 from txt2img.gan import GANGenerator
 from txt2img.training import shapes
 from txt2img.training.clip import LatentCLIP, build_text_encoder
-from txt2img.training.gan_training import GANTrainingState, make_state, train_gan
+from txt2img.training.gan_training import GANTrainingConfig, GANTrainingState, make_state, train_gan
 from txt2img.training.recipe import ShapesRecipe, vocabulary
 
-SETTINGS = [(4, False), (16, False), (4, True), (16, True)]  # (r1_every, channels_last)
+# (r1_every, channels_last, discriminator_pool_first_from): the one-pass recipe's step first, the recipe's fourth
+SETTINGS: list[tuple[int, bool, int | None]] = [
+    (4, False, None),
+    (16, False, None),
+    (4, True, None),
+    (16, True, None),
+    (16, True, 0),
+    (16, True, 1),
+]
 
 
 def main() -> None:
@@ -60,12 +71,20 @@ def main() -> None:
 
     negatives = np.random.default_rng(1)
 
-    def train(state: GANTrainingState, r1_every: int, channels_last: bool, steps: int) -> float:
-        training = dataclasses.replace(
+    def settings(r1_every: int, channels_last: bool, pool_first_from: int | None) -> GANTrainingConfig:
+        return dataclasses.replace(
             recipe.gan_training,
-            steps=state.step + steps,
             r1_every=r1_every,
             channels_last=channels_last,
+            discriminator_pool_first_from=pool_first_from,
+            lr_g=recipe.gan_training.lr_g / 100,  # random latents can make the recipe's rates diverge;
+            lr_d=recipe.gan_training.lr_d / 100,  # a step's arithmetic does not depend on them
+        )
+
+    def train(state: GANTrainingState, setting: tuple[int, bool, int | None], steps: int) -> float:
+        training = dataclasses.replace(
+            settings(*setting),
+            steps=state.step + steps,
             sample_every=0,
             checkpoint_every=0,
         )
@@ -81,25 +100,27 @@ def main() -> None:
         return (time.perf_counter() - start) / steps
 
     states = {}
-    for r1_every, channels_last in SETTINGS:
+    for setting in SETTINGS:
         torch.manual_seed(0)
-        states[r1_every, channels_last] = make_state(GANGenerator(gan), recipe.gan_training, size=side)
-        train(states[r1_every, channels_last], r1_every, channels_last, 4)  # warm-up
-    times: dict[tuple[int, bool], list[float]] = {setting: [] for setting in SETTINGS}
+        states[setting] = make_state(GANGenerator(gan), settings(*setting), size=side)
+        train(states[setting], setting, 4)  # warm-up
+    times: dict[tuple[int, bool, int | None], list[float]] = {setting: [] for setting in SETTINGS}
     for _ in range(args.rounds):
         for setting in SETTINGS:
-            times[setting].append(train(states[setting], *setting, args.steps))
+            times[setting].append(train(states[setting], setting, args.steps))
 
     print(
         f"### GAN step, batch {batch}, {torch.get_num_threads()} threads, {platform.machine()}, torch {torch.__version__}"
     )
     print()
-    print("| r1_every | channels_last | s per step (median) | vs r1_every=4, channels_last=False |")
-    print("|---|---|---|---|")
+    print(
+        "| r1_every | channels_last | discriminator_pool_first_from | s per step (median) | vs the first row |"
+    )
+    print("|---|---|---|---|---|")
     base = statistics.median(times[SETTINGS[0]])
-    for (r1_every, channels_last), seconds in times.items():
+    for (r1_every, channels_last, pool_first_from), seconds in times.items():
         median = statistics.median(seconds)
-        print(f"| {r1_every} | {channels_last} | {median:.3f} | {median / base:.2f}× |")
+        print(f"| {r1_every} | {channels_last} | {pool_first_from} | {median:.3f} | {median / base:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -697,6 +697,29 @@ def test_discriminator_scores_reals_under_both_captions_in_one_pass_as_two_passe
     torch.testing.assert_close(loss, expected)
 
 
+def test_discriminator_blocks_pool_first_from_the_given_index() -> None:
+    from txt2img.training.gan_training import DiscriminatorBlock
+
+    def flags(**kwargs: int) -> list[bool]:
+        return [block.pool_first for block in ProjectionDiscriminator(4, 8, 8, width=8, **kwargs).blocks]
+
+    assert flags() == [False, False]
+    assert flags(pool_first_from=1) == [False, True]
+    assert flags(pool_first_from=0) == [True, True]
+    torch.manual_seed(0)
+    after, before = DiscriminatorBlock(4, 8), DiscriminatorBlock(4, 8, pool_first=True)
+    before.load_state_dict(after.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    assert before(x).shape == after(x).shape == (2, 8, 4, 4)
+    assert not torch.allclose(before(x), after(x))  # the widening conv sees another resolution
+    # The 1×1 path is linear, so it commutes with the pooling: with the widening conv silenced, the two
+    # orders agree.
+    for block in (after, before):
+        torch.nn.init.zeros_(block.conv1.weight)
+        torch.nn.init.zeros_(block.conv1.bias)
+    torch.testing.assert_close(before(x), after(x))
+
+
 def test_augment_shifts_by_at_most_one_pixel_and_keeps_shape() -> None:
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 3, 4] = 1.0
