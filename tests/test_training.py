@@ -528,6 +528,12 @@ def test_a_resume_checks_the_settings_of_the_stages_it_reloads() -> None:
     assert changed_settings(saved, recipe, gan_resumed=True) == ["seed", "gan_training"]
     # Without a GAN checkpoint only the VAE stage is reloaded; the later ones are trained again.
     assert changed_settings(saved, recipe, gan_resumed=False) == ["seed"]
+    # A run saved before a setting existed resumes when the setting is left at its default, not otherwise.
+    older = json.loads(json.dumps(recipe.to_dict()))
+    del older["gan_training"]["discriminator_pool_first_from"]
+    assert changed_settings(older, recipe, gan_resumed=True) == []
+    recipe.gan_training.discriminator_pool_first_from = 1
+    assert changed_settings(older, recipe, gan_resumed=True) == ["gan_training"]
 
 
 def test_evaluate_judges_a_checkpoints_ema_generator(tiny_run: Path, tmp_path: Path, capsys) -> None:
