@@ -282,12 +282,12 @@ def changed_settings(saved: dict[str, Any], recipe: ShapesRecipe, *, gan_resumed
     names = [name for name in current if name != "eval_images"] if gan_resumed else list(VAE_SETTINGS)
 
     def value(settings: dict[str, Any], name: str) -> Any:
-        found, field = settings.get(name), getattr(recipe, name)
-        if not (isinstance(found, dict) and dataclasses.is_dataclass(field)):
+        found, kind = settings.get(name), type(getattr(recipe, name))
+        if not (isinstance(found, dict) and dataclasses.is_dataclass(kind)):
             return found
         # A setting the file lacks, from a version before it existed, counts as its default: what that
         # version did.
-        defaults = json.loads(json.dumps(dataclasses.asdict(type(field)())))
+        defaults = json.loads(json.dumps(dataclasses.asdict(kind())))
         return {
             key: v for key, v in {**defaults, **found}.items() if (name, key) != ("gan_training", "steps")
         }
