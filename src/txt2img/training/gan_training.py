@@ -73,7 +73,7 @@ class GANTrainingConfig:
     sample_every: Write a sample grid every this many steps (0: never).
     checkpoint_every: Write a checkpoint every this many steps (0: never).
     channels_last: Train the networks (the state's, and the latent CLIP's image encoder) and their batches in
-        the channels-last memory format: the same values up to float rounding, about 5% less time a step on
+        the channels-last memory format: the same values up to float rounding, about 6% less time a step on
         CPU (``benchmarks/gan_training_step.py``). Off by default; the recipe turns it on, with R1 every 16
         steps at ``r1_gamma=0.4``: with the default R1 settings the rounding alone tipped a seed-0 run into
         divergence (docs/training.md).
