@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,19 @@ def test_recipe_model_card_carries_the_runs_own_evaluation(tiny_run: Path) -> No
     assert card.startswith("---\n") and "library_name: txt2img" in card and "license: apache-2.0" in card
     assert f"| shape | {evaluation['seen']['shape']:.3f} | {evaluation['held_out']['shape']:.3f} |" in card
     assert "purple triangle" in card  # the held-out pairs are named
+
+
+def test_recipe_model_card_says_how_often_the_gan_went_back() -> None:
+    from txt2img.training.attributes import ATTRIBUTE_NAMES
+    from txt2img.training.evaluate import ALL, EvalReport
+    from txt2img.training.recipe import model_card
+
+    scores = dict.fromkeys([*ATTRIBUTE_NAMES, ALL], 1.0)
+    report = EvalReport(seen=scores, held_out=scores, variety=1.0, images_per_second=1.0, num_images=1)
+    timings = {"vae": 1.0, "gan": 2.0}
+    assert "went back" not in model_card(ShapesRecipe(), timings, report)["training"]
+    training = model_card(ShapesRecipe(), timings, report, rollbacks=2)["training"]
+    assert "diverged and went back 2 times (rollback_every 100)" in training
 
 
 def test_recipe_is_deterministic_for_a_seed(tiny_run: Path, tmp_path: Path) -> None:
@@ -427,7 +442,10 @@ def test_gan_divergence_stops_the_run_before_its_step(tmp_path: Path) -> None:
 
     # A loss beyond the limit: the run stops at its first step, before any network changes.
     torch.manual_seed(0)
-    training = GANTrainingConfig(steps=3, batch_size=4, checkpoint_every=0, divergence_limit=1e-6)
+    # Without rollbacks (rollback_every=0), the first divergence stops the run.
+    training = GANTrainingConfig(
+        steps=3, batch_size=4, checkpoint_every=0, divergence_limit=1e-6, rollback_every=0
+    )
     state = make_state(GANGenerator(gan_config), training, size=16)
     before = {k: v.clone() for k, v in state.discriminator.state_dict().items()}
     with pytest.raises(TrainingDiverged, match=r"diverged at step 1: d = .*no checkpoint has been written"):
@@ -454,7 +472,7 @@ def test_gan_divergence_of_the_generator_loss_leaves_the_discriminator_trainable
     from txt2img.training import gan_training
 
     clip, gan_config = small_gan()
-    training = GANTrainingConfig(steps=1, batch_size=4, checkpoint_every=0)
+    training = GANTrainingConfig(steps=1, batch_size=4, checkpoint_every=0, rollback_every=0)
     state = make_state(GANGenerator(gan_config), training, size=16)
     batches = iter([(torch.randn(4, 4, 16, 16), ["a small red circle at the top on a blue background"] * 4)])
     monkeypatch.setattr(gan_training, "g_hinge_loss", lambda fake: fake.mean() * 0 + 1e9)
@@ -462,6 +480,142 @@ def test_gan_divergence_of_the_generator_loss_leaves_the_discriminator_trainable
         train_gan(state, training, batches, clip, progress=False)
     assert state.step == 0
     assert all(p.requires_grad for p in state.discriminator.parameters())
+
+
+def same_tensors(first: object, second: object) -> bool:
+    """Whether two nested state dicts (dicts, lists, tensors, numbers) hold equal values."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(same_tensors(first[k], second[k]) for k in first)
+    if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
+        return len(first) == len(second) and all(same_tensors(a, b) for a, b in zip(first, second))
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return torch.equal(first, second)
+    return first == second
+
+
+def test_gan_snapshot_restores_the_state_and_is_not_changed_by_training_on() -> None:
+    clip, gan_config = small_gan()
+    training = GANTrainingConfig(steps=2, batch_size=4, checkpoint_every=0, sample_every=0)
+    torch.manual_seed(0)
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    train_gan(state, training, small_batches(), clip, progress=False)  # so that Adam has moments to copy
+    snapshot = state.snapshot()
+    kept = copy.deepcopy(snapshot)
+    training.steps = 4
+    train_gan(state, training, small_batches(), clip, progress=False)
+    assert not same_tensors(state.generator.state_dict(), kept.modules["generator"])
+
+    state.restore(snapshot)
+    assert state.step == 2
+    assert same_tensors({k: m.state_dict() for k, m in state._modules().items()}, kept.modules)
+    assert same_tensors({"g": state.opt_g.state_dict(), "d": state.opt_d.state_dict()}, kept.optimizers)
+    # Training on from the restored state leaves the snapshot as it was: it can be restored again.
+    train_gan(state, training, small_batches(), clip, progress=False)
+    assert same_tensors(snapshot.modules, kept.modules) and same_tensors(snapshot.optimizers, kept.optimizers)
+
+
+def test_noise_seeds_are_the_earlier_ones_until_a_rollback() -> None:
+    from txt2img.training.gan_training import noise_seeds
+
+    # Without rollbacks, the seeds runs have always drawn with (seed + step, and one more): unchanged draws.
+    assert noise_seeds(7, 100, 0) == (107, 108)
+    # After a rollback, seeds no step of the run's first attempt uses.
+    firsts = {s for step in range(10_000) for s in noise_seeds(7, step, 0)}
+    assert not firsts & set(noise_seeds(7, 100, 1)) and noise_seeds(7, 100, 1) != noise_seeds(7, 100, 2)
+
+
+def spiking_generator_loss(monkeypatch, spikes: Callable[[int], bool]) -> list[int]:
+    """Make the generator's hinge loss 10⁹ on the calls (1-based) ``spikes`` picks; returns the call log."""
+    from txt2img.training import gan_training
+
+    calls: list[int] = []
+    hinge = gan_training.g_hinge_loss
+
+    def loss(fake: torch.Tensor) -> torch.Tensor:
+        calls.append(len(calls) + 1)
+        return hinge(fake) + (1e9 if spikes(len(calls)) else 0.0)
+
+    monkeypatch.setattr(gan_training, "g_hinge_loss", loss)
+    return calls
+
+
+def test_gan_copies_for_rollbacks_change_nothing_in_a_run_that_does_not_diverge() -> None:
+    clip, gan_config = small_gan()
+    weights = []
+    for rollback_every in (0, 2):
+        training = GANTrainingConfig(
+            steps=5, batch_size=4, checkpoint_every=0, sample_every=0, rollback_every=rollback_every
+        )
+        torch.manual_seed(0)
+        state = make_state(GANGenerator(gan_config), training, size=16)
+        train_gan(state, training, small_batches(), clip, progress=False)
+        weights.append(state.generator_ema.state_dict())
+    assert same_tensors(*weights)
+
+
+def test_gan_rollback_goes_back_and_trains_on_with_other_noise(monkeypatch, caplog) -> None:
+    from txt2img.training import gan_training
+
+    calls = spiking_generator_loss(monkeypatch, lambda call: call == 6)  # the step-6 update, once
+    seeds: list[tuple[int, int, int]] = []
+    noise_seeds = gan_training.noise_seeds
+
+    def recorded(seed: int, step: int, rollbacks: int) -> tuple[int, int]:
+        seeds.append((seed, step, rollbacks))
+        return noise_seeds(seed, step, rollbacks)
+
+    monkeypatch.setattr(gan_training, "noise_seeds", recorded)
+    clip, gan_config = small_gan()
+    training = GANTrainingConfig(steps=8, batch_size=4, checkpoint_every=0, sample_every=0, rollback_every=2)
+    torch.manual_seed(0)
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    with caplog.at_level(logging.WARNING, logger="txt2img"):
+        train_gan(state, training, small_batches(), clip, seed=3, progress=False)
+    # Copies at steps 2 and 4 when step 6 diverged: back to the older, step 2, with the noise of rollback 1.
+    assert "diverged at step 6: g = 1e+09" in caplog.text and "Went back to step 2" in caplog.text
+    assert seeds == [(3, 0, 0), (3, 2, 1)]
+    assert state.step == 8 and state.rollbacks == 1
+    assert len(calls) == 6 + 6  # steps 1 to 6 (the 6th diverged), then steps 3 to 8 again
+    assert all(torch.isfinite(p).all() for p in state.generator.parameters())
+
+
+def test_gan_rollback_of_a_resumed_run_goes_back_to_where_it_resumed(monkeypatch, caplog) -> None:
+    clip, gan_config = small_gan()
+    training = GANTrainingConfig(steps=3, batch_size=4, checkpoint_every=0, sample_every=0)
+    torch.manual_seed(0)
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    train_gan(state, training, small_batches(), clip, progress=False)
+    calls = spiking_generator_loss(monkeypatch, lambda call: call == 2)  # step 5, the second of this call
+    training.steps = 6  # rollback_every 100: no multiple of it ahead, so only the copy at step 3
+    with caplog.at_level(logging.WARNING, logger="txt2img"):
+        train_gan(state, training, small_batches(), clip, progress=False)
+    assert "diverged at step 5" in caplog.text and "Went back to step 3" in caplog.text
+    assert state.step == 6 and state.rollbacks == 1 and len(calls) == 2 + 3
+
+
+def test_gan_rollbacks_stop_at_max_rollbacks(monkeypatch) -> None:
+    calls = spiking_generator_loss(monkeypatch, lambda call: call >= 3)  # from step 3 on, every time
+    clip, gan_config = small_gan()
+    training = GANTrainingConfig(
+        steps=8, batch_size=4, checkpoint_every=0, sample_every=0, rollback_every=2, max_rollbacks=2
+    )
+    torch.manual_seed(0)
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    with pytest.raises(TrainingDiverged, match=r"step 1: g = 1e\+09.*gone back 2 times already"):
+        train_gan(state, training, small_batches(), clip, progress=False)
+    # Step 3 diverged: back to step 0 (copies at 0 and 2); step 1 diverged twice more: back to 0, then stop.
+    assert len(calls) == 5 and state.step == 0 and state.rollbacks == 2
+
+
+def test_gan_checkpoint_keeps_the_rollbacks(tmp_path: Path) -> None:
+    _, gan_config = small_gan()
+    training = GANTrainingConfig(steps=1, batch_size=4)
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    state.rollbacks = 2
+    state.save(tmp_path / "checkpoint")
+    fresh = make_state(GANGenerator(gan_config), training, size=16)
+    fresh.load(tmp_path / "checkpoint")
+    assert fresh.rollbacks == 2
 
 
 def test_training_command_reports_a_diverged_run(monkeypatch, capsys, tmp_path: Path) -> None:

@@ -12,14 +12,19 @@ The recipe, with where each part comes from:
   decoder, for a sub-batch of each step: it judges what the latent one cannot weigh, the pixels a small
   error in the latent changes (a square's corners), and its gradient reaches the generator through the
   decoder;
-- an exponential moving average of the generator's weights: the EMA weights are the ones shipped.
+- an exponential moving average of the generator's weights: the EMA weights are the ones shipped;
+- rollbacks: an in-memory copy of the state every ``rollback_every`` steps, to go back to, with other noise,
+  when a loss diverges (a GAN's blow-ups start from one unlucky stretch of noise: the state before it is
+  sound).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
+import logging
 import math
 import os
 import time
@@ -35,6 +40,8 @@ from txt2img import distributed
 from txt2img.gan import GANGenerator
 from txt2img.training.checkpoint import load_checkpoint, save_checkpoint
 from txt2img.training.clip import LatentCLIP, contrastive_loss, same_captions
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -77,10 +84,18 @@ class GANTrainingConfig:
         CPU (``benchmarks/gan_training_step.py``). Off by default; the recipe turns it on, with R1 every 16
         steps at ``r1_gamma=0.4``: with the default R1 settings the rounding alone tipped a seed-0 run into
         divergence (docs/training.md).
-    divergence_limit: Stop with ``TrainingDiverged``, before the optimizer step, when a loss is not finite
-        or its magnitude exceeds this (0: only non-finite losses stop it). Runs of the recipe have kept
-        their losses within about ±35, with spikes: one recovered from 4,139; runs that passed 10⁶ had not
-        recovered 150 and 290 steps later, and one (the recipe's seed 1) passed 10⁴ within eight steps.
+    divergence_limit: A loss is diverging when it is not finite or its magnitude exceeds this (0: only
+        non-finite losses count); the step is then not taken, and the run goes back (``rollback_every``)
+        or stops with ``TrainingDiverged``. Runs of the recipe have kept their losses within about ±35, with
+        spikes: one recovered from 4,139; runs that passed 10⁶ had not recovered 150 and 290 steps later,
+        and one (the recipe's seed 1) passed 10⁴ within eight steps.
+    rollback_every: Keep an in-memory copy of the training state (networks and optimizers) where training
+        starts and every this many steps, the latest two; when a loss diverges, restore the older copy
+        (from a multiple of ``rollback_every`` on, 1 to 2 × ``rollback_every`` steps back) and train on from
+        there with other noise (``noise_seeds``), up to ``max_rollbacks`` times (0: no copies, and a
+        divergence stops the run). A run that never diverges draws and computes exactly what it would
+        without copies. The copies hold twice the networks and their Adam moments in memory.
+    max_rollbacks: The most times a run (resumed ones included) goes back; the next divergence stops it.
     """
 
     steps: int = 3000
@@ -106,6 +121,8 @@ class GANTrainingConfig:
     checkpoint_every: int = 500
     channels_last: bool = False
     divergence_limit: float = 100_000.0
+    rollback_every: int = 100
+    max_rollbacks: int = 3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,7 +326,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss of the GAN stage left the range ``GANTrainingConfig.divergence_limit`` allows."""
+    """A loss of the GAN stage left the range ``GANTrainingConfig.divergence_limit`` allows.
+
+    Args:
+        message: What happened and what to do.
+        summary: The step and the losses alone (the message, when not given).
+    """
+
+    def __init__(self, message: str, summary: str = "") -> None:
+        super().__init__(message)
+        self.summary = summary or message
 
 
 def check_divergence(
@@ -331,12 +357,33 @@ def check_divergence(
     bad = {name: v for name, v in values.items() if not math.isfinite(v) or (limit > 0 and abs(v) > limit)}
     if distributed.any_rank(bool(bad)):  # under torchrun every rank stops, not only the one that diverged
         shown = ", ".join(f"{name} = {v:.4g}" for name, v in bad.items()) or "a loss of another rank"
+        summary = f"GAN training diverged at step {step}: {shown} (divergence_limit {limit:g})."
         raise TrainingDiverged(
-            f"GAN training diverged at step {step}: {shown} (divergence_limit {limit:g}). The step was not "
-            f"completed, and {checkpoint}. Start again, or resume from the checkpoint if one was written, "
-            "with lower learning rates (lr_g, lr_d), a larger r1_gamma or another seed."
+            f"{summary} The step was not completed, and {checkpoint}. Start again, or resume from the "
+            "checkpoint if one was written, with lower learning rates (lr_g, lr_d), a larger r1_gamma, "
+            "rollbacks (rollback_every) or another seed.",
+            summary,
         )
     return values
+
+
+def noise_seeds(seed: int, step: int, rollbacks: int) -> tuple[int, int]:
+    """The seeds of the generator's noise (torch's global generator) and of the augmentation when training
+    (re)starts at ``step`` after ``rollbacks`` rollbacks: ``rank_seed(seed) + step`` and one more at first,
+    and another pair, a million apart, after each rollback, so that a run that goes back does not draw the
+    noise it diverged with again."""
+    base = distributed.rank_seed(seed) + step + 1_000_003 * rollbacks
+    return base, base + 1
+
+
+@dataclasses.dataclass
+class TrainingSnapshot:
+    """An in-memory copy of a ``GANTrainingState``'s networks and optimizers at ``step``
+    (``GANTrainingState.snapshot``, ``restore``)."""
+
+    step: int
+    modules: dict[str, dict[str, torch.Tensor]]
+    optimizers: dict[str, dict]
 
 
 @dataclasses.dataclass
@@ -344,7 +391,8 @@ class GANTrainingState:
     """What a training run holds: the networks, their optimizers, the step reached and the seconds it took.
 
     ``opt_d`` steps both discriminators; ``pixel_discriminator`` is ``None`` unless ``pixel_weight`` > 0.
-    ``seconds`` counts the training loop's time over every run that led here, resumed ones included.
+    ``seconds`` counts the training loop's time over every run that led here, resumed ones included, and
+    ``rollbacks`` the times it went back after a divergence (``GANTrainingConfig.rollback_every``).
     """
 
     generator: GANGenerator
@@ -355,21 +403,41 @@ class GANTrainingState:
     step: int = 0
     pixel_discriminator: ProjectionDiscriminator | None = None
     seconds: float = 0.0
+    rollbacks: int = 0
 
     def save(self, folder: str | os.PathLike) -> None:
         save_checkpoint(
             folder,
             modules=self._modules(),
-            optimizers={"g": self.opt_g, "d": self.opt_d},
-            extra={"step": self.step, "seconds": self.seconds},
+            optimizers=self._optimizers(),
+            extra={"step": self.step, "seconds": self.seconds, "rollbacks": self.rollbacks},
         )
 
     def load(self, folder: str | os.PathLike) -> None:
-        extra = load_checkpoint(
-            folder, modules=self._modules(), optimizers={"g": self.opt_g, "d": self.opt_d}
-        )
+        extra = load_checkpoint(folder, modules=self._modules(), optimizers=self._optimizers())
         self.step = int(extra["step"])
         self.seconds = float(extra.get("seconds", 0.0))  # older checkpoints did not count them
+        self.rollbacks = int(extra.get("rollbacks", 0))  # nor these
+
+    def snapshot(self) -> TrainingSnapshot:
+        """A copy of the networks' and optimizers' states at this step, in memory."""
+        return TrainingSnapshot(
+            self.step,
+            {name: copy.deepcopy(module.state_dict()) for name, module in self._modules().items()},
+            {name: copy.deepcopy(optimizer.state_dict()) for name, optimizer in self._optimizers().items()},
+        )
+
+    def restore(self, snapshot: TrainingSnapshot) -> None:
+        """Put the networks, optimizers and step back to ``snapshot``'s (which stays usable: copied in)."""
+        for name, module in self._modules().items():
+            module.load_state_dict(snapshot.modules[name])
+        for name, optimizer in self._optimizers().items():
+            # Copied: the optimizer would otherwise keep the snapshot's tensors as its state, and update them.
+            optimizer.load_state_dict(copy.deepcopy(snapshot.optimizers[name]))
+        self.step = snapshot.step
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"g": self.opt_g, "d": self.opt_d}
 
     def _modules(self) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {
@@ -633,8 +701,8 @@ def train_gan(
         training: Hyper-parameters.
         batches: An endless iterator of (scaled latents (B, C, S, S), captions).
         clip: The frozen latent CLIP; its text encoder also conditions the generator.
-        seed: Seed of the noise, augmentation and mismatch draws (offset by the step when resuming, and
-            by ``distributed.rank_seed`` on ranks other than 0).
+        seed: Seed of the noise and augmentation draws (``noise_seeds``: offset by the step when resuming,
+            after a rollback, and by ``distributed.rank_seed`` on ranks other than 0).
         out_dir: Where checkpoints (``checkpoint/``) and sample grids (``samples/``) go.
         sample_fn: Writes a sample grid for the EMA generator into the given PNG path.
         negative_captions: Captions that must not match their images, one per caption given; required when
@@ -651,8 +719,9 @@ def train_gan(
         ValueError: hard negatives asked for without ``negative_captions``; ``pixel_weight`` > 0 without
             ``decode``, with a state that has no pixel discriminator or with ``pixel_batch`` < 1; ``decode``
             returning images of another shape than the pixel discriminator was made for.
-        TrainingDiverged: a loss not finite, or beyond ``training.divergence_limit``; ``state.step`` is the
-            last step completed, and no checkpoint is written after it.
+        TrainingDiverged: a loss not finite, or beyond ``training.divergence_limit``, with no rollback left
+            (``rollback_every``, ``max_rollbacks``); ``state.step`` is the last step completed, and no
+            checkpoint is written after it.
     """
     if training.hard_negative_fraction > 0 and negative_captions is None:
         raise ValueError(
@@ -661,8 +730,9 @@ def train_gan(
         )
     pixels = _pixel_parts(state, training, decode)
     hard_count = round(training.batch_size * training.hard_negative_fraction)
-    torch.manual_seed(distributed.rank_seed(seed) + state.step)
-    rng = torch.Generator().manual_seed(distributed.rank_seed(seed) + 1 + state.step)
+    noise_seed, augment_seed = noise_seeds(seed, state.step, state.rollbacks)
+    torch.manual_seed(noise_seed)
+    rng = torch.Generator().manual_seed(augment_seed)
     out = Path(out_dir) if out_dir is not None and distributed.is_main_process() else None
     g, d = state.generator, state.discriminator
     memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
@@ -687,15 +757,9 @@ def train_gan(
             noise=training.augment_noise,
         )
 
-    start, seconds_before = time.perf_counter(), state.seconds
-    bar = tqdm(
-        range(state.step, training.steps),
-        desc="gan",
-        disable=not progress,
-        initial=state.step,
-        total=training.steps,
-    )
-    for step in bar:
+    def take_step(step: int) -> dict[str, float]:
+        """One update of the discriminators, then of the generator; returns the losses (``check_divergence``
+        raises before an update whose losses diverge)."""
         scale = learning_rate_scale(step, training.steps, training.lr_decay_steps)
         for optimizer, lr in ((state.opt_d, training.lr_d), (state.opt_g, training.lr_g)):
             for group in optimizer.param_groups:
@@ -742,12 +806,56 @@ def train_gan(
         state.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         state.opt_g.step()
+        return values
+
+    start, seconds_before = time.perf_counter(), state.seconds
+    snapshots: collections.deque[TrainingSnapshot] = collections.deque(maxlen=2)
+    bar = tqdm(total=training.steps, initial=state.step, desc="gan", disable=not progress)
+    while state.step < training.steps:
+        step = state.step
+        # A copy where this call starts (a resumed run's step too), then every rollback_every steps.
+        if training.rollback_every > 0 and (
+            not snapshots or (step % training.rollback_every == 0 and snapshots[-1].step != step)
+        ):
+            snapshots.append(state.snapshot())
+        try:
+            values = take_step(step)
+        except TrainingDiverged as error:
+            if not snapshots or state.rollbacks >= training.max_rollbacks:
+                if snapshots:
+                    raise TrainingDiverged(
+                        f"{error} It had gone back {state.rollbacks} times already (max_rollbacks).",
+                        error.summary,
+                    ) from error
+                raise
+            # Back to the older copy, far enough before the losses began to climb; the newer one may not be.
+            older = snapshots[0]
+            snapshots.clear()
+            snapshots.append(older)
+            state.restore(older)
+            state.rollbacks += 1
+            noise_seed, augment_seed = noise_seeds(seed, state.step, state.rollbacks)
+            torch.manual_seed(noise_seed)
+            rng.manual_seed(augment_seed)
+            if distributed.is_main_process():
+                logger.warning(
+                    "%s Went back to step %d, to train on with other noise (rollback %d of at most %d).",
+                    error.summary,
+                    state.step,
+                    state.rollbacks,
+                    training.max_rollbacks,
+                )
+            bar.n = state.step
+            bar.refresh()
+            continue
 
         # 3. EMA, progress, samples and checkpoints.
         update_ema(state.generator_ema, g, decay)
         state.step = step + 1
         state.seconds = seconds_before + time.perf_counter() - start
+        bar.update(1)
         bar.set_postfix({name: f"{value:.3f}" for name, value in values.items()})
         if out is not None and write_outputs(state, training, out, sample_fn):
             last_checkpoint = f"{saved} holds step {state.step}"
+    bar.close()
     return state

@@ -217,7 +217,12 @@ def encode_pool(
 
 
 def model_card(
-    recipe: ShapesRecipe, timings: dict[str, float], report: EvalReport, *, resumed_at: int | None = None
+    recipe: ShapesRecipe,
+    timings: dict[str, float],
+    report: EvalReport,
+    *,
+    resumed_at: int | None = None,
+    rollbacks: int = 0,
 ) -> dict[str, Any]:
     """The model card of a recipe's pipeline: its data, its training and its evaluation.
 
@@ -226,6 +231,7 @@ def model_card(
         timings: Seconds per stage, the GAN's over every run that trained it.
         report: The run's evaluation.
         resumed_at: The GAN step the last run resumed from (``--resume``), if it did.
+        rollbacks: The times the GAN stage went back after a divergence (``GANTrainingState.rollbacks``).
     """
     total = sum(timings.values())
     steps = recipe.gan_training.steps
@@ -235,6 +241,11 @@ def model_card(
     resumed = (
         f" Trained in more than one run: the last resumed at GAN step {resumed_at}." if resumed_at else ""
     )
+    if rollbacks:
+        resumed += (
+            f" The GAN stage diverged and went back {rollbacks} time{'s' if rollbacks > 1 else ''} "
+            f"(rollback_every {recipe.gan_training.rollback_every})."
+        )
     words = ", with a bag-of-words loss on its pooled vector" if recipe.clip_training.word_weight > 0 else ""
     return {
         "license": "apache-2.0",
@@ -437,7 +448,7 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
     pipe.set_progress_bar_config(disable=False)
     pipe.save_pretrained(
         out / "model",
-        model_card=model_card(recipe, timings, report, resumed_at=resumed_at),
+        model_card=model_card(recipe, timings, report, resumed_at=resumed_at, rollbacks=state.rollbacks),
         overwrite_model_card=True,
     )
     return out / "model"
