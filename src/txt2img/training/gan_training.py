@@ -730,9 +730,15 @@ def train_gan(
         )
     pixels = _pixel_parts(state, training, decode)
     hard_count = round(training.batch_size * training.hard_negative_fraction)
-    noise_seed, augment_seed = noise_seeds(seed, state.step, state.rollbacks)
-    torch.manual_seed(noise_seed)
-    rng = torch.Generator().manual_seed(augment_seed)
+    rng = torch.Generator()  # the augmentation's; the generator's noise comes from torch's global generator
+
+    def reseed() -> None:
+        """Seed the noise and the augmentation for the step training (re)starts at (``noise_seeds``)."""
+        noise_seed, augment_seed = noise_seeds(seed, state.step, state.rollbacks)
+        torch.manual_seed(noise_seed)
+        rng.manual_seed(augment_seed)
+
+    reseed()
     out = Path(out_dir) if out_dir is not None and distributed.is_main_process() else None
     g, d = state.generator, state.discriminator
     memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
@@ -834,9 +840,7 @@ def train_gan(
             snapshots.append(older)
             state.restore(older)
             state.rollbacks += 1
-            noise_seed, augment_seed = noise_seeds(seed, state.step, state.rollbacks)
-            torch.manual_seed(noise_seed)
-            rng.manual_seed(augment_seed)
+            reseed()
             if distributed.is_main_process():
                 logger.warning(
                     "%s Went back to step %d, to train on with other noise (rollback %d of at most %d).",
