@@ -14,8 +14,8 @@ The recipe, with where each part comes from:
   decoder;
 - an exponential moving average of the generator's weights: the EMA weights are the ones shipped;
 - rollbacks: an in-memory copy of the state every ``rollback_every`` steps, to go back to, with other noise,
-  when a loss diverges (a GAN's blow-ups start from one unlucky stretch of noise: the state before it is
-  sound).
+  when a loss diverges: a blow-up set off by an unlucky stretch of noise need not recur from the state before
+  it (settings that blow up every few hundred steps still do: docs/training.md).
 """
 
 from __future__ import annotations
