@@ -238,11 +238,11 @@ def model_card(
     command = f"python -m txt2img.training shapes --out DIR --seed {recipe.seed}"
     if steps != ShapesRecipe().gan_training.steps:
         command += f" --gan-steps {steps}"
-    resumed = (
+    history = (  # how the GAN stage went: resumed, rolled back
         f" Trained in more than one run: the last resumed at GAN step {resumed_at}." if resumed_at else ""
     )
     if rollbacks:
-        resumed += (
+        history += (
             f" The GAN stage diverged and went back {rollbacks} time{'s' if rollbacks > 1 else ''} "
             f"(rollback_every {recipe.gan_training.rollback_every})."
         )
@@ -264,7 +264,7 @@ def model_card(
             f"{recipe.gan_training.batch_size}); the EMA generator is the one saved. Held-out (colour, shape) "
             f"pairs never seen in training: {', '.join(' '.join(pair) for pair in sorted(shapes.HELD_OUT))}. "
             f"{total:.0f} s on the CPU of the training machine "
-            f"({', '.join(f'{stage} {seconds:.0f} s' for stage, seconds in timings.items())}).{resumed}"
+            f"({', '.join(f'{stage} {seconds:.0f} s' for stage, seconds in timings.items())}).{history}"
         ),
         "evaluation": (
             "Fraction of images whose attributes, read back from the pixels, match the prompt "
