@@ -880,6 +880,35 @@ def test_discriminator_blocks_pool_first_from_the_given_index() -> None:
     torch.testing.assert_close(before(x), after(x))
 
 
+def test_spectral_norm_holds_every_discriminator_layer_at_unit_norm_and_survives_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    def largest_singular_values(d: ProjectionDiscriminator) -> list[float]:
+        layers = [m for m in d.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        return [torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2).item() for m in layers]
+
+    torch.manual_seed(0)
+    plain = ProjectionDiscriminator(4, 8, 8, width=8, features=16)
+    assert max(abs(s - 1) for s in largest_singular_values(plain)) > 0.1  # plain weights are not at 1
+    normed = ProjectionDiscriminator(4, 8, 8, width=8, features=16, spectral_norm=True)
+    for _ in range(30):  # one power iteration a training forward pass
+        normed(torch.randn(2, 4, 8, 8), torch.randn(2, 8))
+    values = largest_singular_values(normed)
+    assert len(values) == 10 and values == pytest.approx([1.0] * 10, abs=0.02)
+
+    # make_state applies it to both discriminators, and their checkpoints reload strictly.
+    _, gan_config = small_gan()
+    training = GANTrainingConfig(discriminator_spectral_norm=True, pixel_weight=1.0)
+    state = make_state(GANGenerator(gan_config), training, size=16, image_size=32)
+    assert state.pixel_discriminator is not None
+    for d in (state.discriminator, state.pixel_discriminator):
+        assert torch.nn.utils.parametrize.is_parametrized(d.to_features, "weight")
+    state.save(tmp_path / "checkpoint")
+    again = make_state(GANGenerator(gan_config), training, size=16, image_size=32)
+    again.load(tmp_path / "checkpoint")
+    torch.testing.assert_close(again.discriminator.to_features.weight, state.discriminator.to_features.weight)
+
+
 def test_augment_shifts_by_at_most_one_pixel_and_keeps_shape() -> None:
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 3, 4] = 1.0

@@ -1,7 +1,11 @@
 """Training the native ``GANGenerator`` in a VAE's latent space.
 
 The recipe, with where each part comes from:
-- a discriminator conditioned on the text by projection (Miyato & Koyama 2018): logit = ψ(φ(x)) + ⟨e(t), φ(x)⟩;
+- a discriminator conditioned on the text by projection (Miyato & Koyama 2018): logit = ψ(φ(x)) + ⟨e(t), φ(x)⟩,
+  optionally with every layer spectrally normalised (Miyato et al. 2018), which bounds how far one step can
+  move its logits: without it, an Adam step moves each weight by up to about ``lr_d``, which in the recipe is
+  16% of the initial RMS of its widest layer (8,192 inputs) and 3–4% of its convs', and the losses of the
+  generator and the discriminator can swing in a growing oscillation until they diverge;
 - the hinge loss (Lim & Ye 2017), and real images under *mismatched* captions as extra fakes, so the
   discriminator checks the text, not only realism (GigaGAN's matching-aware loss, Kang et al. 2023 §3.3);
 - the R1 penalty on real data (Mescheder et al. 2018), applied lazily every ``r1_every`` steps (StyleGAN2);
@@ -70,6 +74,11 @@ class GANTrainingConfig:
         recipe GAN step takes about 23% less time with 0 and 11% less with 1
         (``benchmarks/gan_training_step.py``); None in the recipe, where 0 cost shape accuracy and a run with
         1 diverged (docs/training.md).
+    discriminator_spectral_norm: Spectrally normalise the weights of every layer of the discriminators
+        (Miyato et al. 2018, as in the projection discriminator's paper): each layer's largest singular value
+        held at 1, estimated by one power iteration a forward pass, so that no step can raise the logits'
+        scale much. Off: plain weights, which an Adam step moves by up to about ``lr_d`` each, a large step
+        for a wide layer's small weights (module docstring).
     pixel_weight: Weight of the pixel-space discriminator's adversarial loss in the generator's (0: no such
         discriminator, and no decoding during training). Its own loss is added with the same weight, which
         Adam's scale-free steps make immaterial to it.
@@ -114,6 +123,7 @@ class GANTrainingConfig:
     augment_noise: float = 0.05
     discriminator_width: int = 64
     discriminator_pool_first_from: int | None = None
+    discriminator_spectral_norm: bool = False
     pixel_weight: float = 0.0
     pixel_batch: int = 16
     pixel_discriminator_width: int = 16
@@ -174,6 +184,8 @@ class ProjectionDiscriminator(nn.Module):
         stages: Downsampling blocks.
         pool_first_from: The blocks from this index on (0: all) pool before their widening conv
             (``DiscriminatorBlock(pool_first=True)``); None: none do.
+        spectral_norm: Spectrally normalise every conv and linear layer's weight
+            (``torch.nn.utils.parametrizations.spectral_norm``).
 
     Raises:
         ValueError: ``size`` not divisible by ``2**stages``.
@@ -188,6 +200,7 @@ class ProjectionDiscriminator(nn.Module):
         features: int = 256,
         stages: int = 2,
         pool_first_from: int | None = None,
+        spectral_norm: bool = False,
     ) -> None:
         super().__init__()
         if size % 2**stages:
@@ -210,6 +223,9 @@ class ProjectionDiscriminator(nn.Module):
         self.to_features = nn.Linear(width * 2**stages * (size // 2**stages) ** 2, features)
         self.out = nn.Linear(features, 1)
         self.embed_text = nn.Linear(text_dim, features)
+        if spectral_norm:
+            for layer in [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]:
+                nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, latents: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.from_latent(latents)).flatten(1)
@@ -359,9 +375,10 @@ def check_divergence(
         shown = ", ".join(f"{name} = {v:.4g}" for name, v in bad.items()) or "a loss of another rank"
         summary = f"GAN training diverged at step {step}: {shown} (divergence_limit {limit:g})."
         raise TrainingDiverged(
-            f"{summary} The step was not completed, and {checkpoint}. Start again, or resume from the "
-            "checkpoint if one was written, with lower learning rates (lr_g, lr_d), a larger r1_gamma, "
-            "rollbacks (rollback_every) or another seed.",
+            f"{summary} The step was not completed, and {checkpoint}. Start again with spectral "
+            "normalisation of the discriminators (discriminator_spectral_norm) if it was off, lower learning "
+            "rates (lr_g, lr_d), rollbacks (rollback_every) or another seed; or resume from the checkpoint, if "
+            "one was written, with lower learning rates or rollbacks.",
             summary,
         )
     return values
@@ -480,6 +497,7 @@ def make_state(
         size,
         width=training.discriminator_width,
         pool_first_from=training.discriminator_pool_first_from,
+        spectral_norm=training.discriminator_spectral_norm,
     )
     pixel_discriminator = None
     if training.pixel_weight > 0:
@@ -489,7 +507,12 @@ def make_state(
                 "for the pixel-space discriminator: pass the decoded images' side, or set pixel_weight to 0."
             )
         pixel_discriminator = ProjectionDiscriminator(
-            image_channels, config.pooled_dim, image_size, width=training.pixel_discriminator_width, stages=3
+            image_channels,
+            config.pooled_dim,
+            image_size,
+            width=training.pixel_discriminator_width,
+            stages=3,
+            spectral_norm=training.discriminator_spectral_norm,
         ).train()
     d_parameters = [*discriminator.parameters()]
     if pixel_discriminator is not None:
