@@ -375,10 +375,10 @@ def check_divergence(
         shown = ", ".join(f"{name} = {v:.4g}" for name, v in bad.items()) or "a loss of another rank"
         summary = f"GAN training diverged at step {step}: {shown} (divergence_limit {limit:g})."
         raise TrainingDiverged(
-            f"{summary} The step was not completed, and {checkpoint}. Start again with spectral "
-            "normalisation of the discriminators (discriminator_spectral_norm) if it was off, lower learning "
-            "rates (lr_g, lr_d), rollbacks (rollback_every) or another seed; or resume from the checkpoint, if "
-            "one was written, with lower learning rates or rollbacks.",
+            f"{summary} The step was not completed, and {checkpoint}. Start again with a lower "
+            "discriminator learning rate (lr_d), spectral normalisation of the discriminators "
+            "(discriminator_spectral_norm) if it was off, rollbacks (rollback_every) or another seed; or resume "
+            "from the checkpoint, if one was written, with lower learning rates or rollbacks.",
             summary,
         )
     return values
