@@ -1,13 +1,14 @@
 """Seconds per GAN training step of the shapes recipe under its speed settings, alternating in one process.
 
 Each row is one combination of ``GANTrainingConfig.r1_every`` (the lazy R1 penalty every 4 or every 16 steps),
-``GANTrainingConfig.channels_last`` (the networks in the channels-last memory format or not) and
+``GANTrainingConfig.channels_last`` (the networks in the channels-last memory format or not),
 ``GANTrainingConfig.discriminator_pool_first_from`` (which of the discriminator's blocks pool before their
-widening conv: none, all, or the second only), trained on the recipe's networks and batch size with random
-latents in place of the latent pool, at a hundredth of the recipe's learning rates (on random latents its
-own rates can diverge within 50 steps; the arithmetic of a step is the same at any rate). Each setting gets its
-own networks and a warm-up; then the settings take turns, ``--steps`` steps each, ``--rounds`` times, and the
-table gives each one's median. The numbers in docs/training.md come from:
+widening conv: none, all, or the second only) and ``GANTrainingConfig.discriminator_spectral_norm`` (every
+discriminator layer spectrally normalised, one power iteration a pass), trained on the recipe's networks and
+batch size with random latents in place of the latent pool, at a hundredth of the recipe's learning rates (on
+random latents its own rates can diverge within 50 steps; the arithmetic of a step is the same at any rate).
+Each setting gets its own networks and a warm-up; then the settings take turns, ``--steps`` steps each,
+``--rounds`` times, and the table gives each one's median. The numbers in docs/training.md come from:
 
     python benchmarks/gan_training_step.py
 """
@@ -31,14 +32,17 @@ from txt2img.training.clip import LatentCLIP, build_text_encoder
 from txt2img.training.gan_training import GANTrainingConfig, GANTrainingState, make_state, train_gan
 from txt2img.training.recipe import ShapesRecipe, vocabulary
 
-# (r1_every, channels_last, discriminator_pool_first_from): the one-pass recipe's step first, the recipe's fourth
-SETTINGS: list[tuple[int, bool, int | None]] = [
-    (4, False, None),
-    (16, False, None),
-    (4, True, None),
-    (16, True, None),
-    (16, True, 0),
-    (16, True, 1),
+# (r1_every, channels_last, discriminator_pool_first_from, discriminator_spectral_norm): the one-pass recipe's
+# step first, the recipe's fourth
+Setting = tuple[int, bool, int | None, bool]
+SETTINGS: list[Setting] = [
+    (4, False, None, False),
+    (16, False, None, False),
+    (4, True, None, False),
+    (16, True, None, False),
+    (16, True, 0, False),
+    (16, True, 1, False),
+    (16, True, None, True),
 ]
 
 
@@ -71,17 +75,20 @@ def main() -> None:
 
     negatives = np.random.default_rng(1)
 
-    def settings(r1_every: int, channels_last: bool, pool_first_from: int | None) -> GANTrainingConfig:
+    def settings(
+        r1_every: int, channels_last: bool, pool_first_from: int | None, spectral_norm: bool
+    ) -> GANTrainingConfig:
         return dataclasses.replace(
             recipe.gan_training,
             r1_every=r1_every,
             channels_last=channels_last,
             discriminator_pool_first_from=pool_first_from,
+            discriminator_spectral_norm=spectral_norm,
             lr_g=recipe.gan_training.lr_g / 100,  # random latents can make the recipe's rates diverge;
             lr_d=recipe.gan_training.lr_d / 100,  # a step's arithmetic does not depend on them
         )
 
-    def train(state: GANTrainingState, setting: tuple[int, bool, int | None], steps: int) -> float:
+    def train(state: GANTrainingState, setting: Setting, steps: int) -> float:
         training = dataclasses.replace(
             settings(*setting),
             steps=state.step + steps,
@@ -104,7 +111,7 @@ def main() -> None:
         torch.manual_seed(0)
         states[setting] = make_state(GANGenerator(gan), settings(*setting), size=side)
         train(states[setting], setting, 4)  # warm-up
-    times: dict[tuple[int, bool, int | None], list[float]] = {setting: [] for setting in SETTINGS}
+    times: dict[Setting, list[float]] = {setting: [] for setting in SETTINGS}
     for _ in range(args.rounds):
         for setting in SETTINGS:
             times[setting].append(train(states[setting], setting, args.steps))
@@ -114,13 +121,17 @@ def main() -> None:
     )
     print()
     print(
-        "| r1_every | channels_last | discriminator_pool_first_from | s per step (median) | vs the first row |"
+        "| r1_every | channels_last | discriminator_pool_first_from | discriminator_spectral_norm "
+        "| s per step (median) | vs the first row |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     base = statistics.median(times[SETTINGS[0]])
-    for (r1_every, channels_last, pool_first_from), seconds in times.items():
+    for (r1_every, channels_last, pool_first_from, spectral_norm), seconds in times.items():
         median = statistics.median(seconds)
-        print(f"| {r1_every} | {channels_last} | {pool_first_from} | {median:.3f} | {median / base:.2f}× |")
+        print(
+            f"| {r1_every} | {channels_last} | {pool_first_from} | {spectral_norm} | {median:.3f} "
+            f"| {median / base:.2f}× |"
+        )
 
 
 if __name__ == "__main__":

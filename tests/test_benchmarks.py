@@ -85,11 +85,15 @@ def test_compile_tiny_prints_its_table(tmp_path: Path) -> None:
 
 def test_gan_training_step_tiny_prints_a_row_per_setting() -> None:
     out = run_script("gan_training_step.py", "--tiny", "--steps", "2", "--rounds", "1")
-    assert "| r1_every | channels_last | discriminator_pool_first_from | s per step (median) |" in out
+    assert (
+        "| r1_every | channels_last | discriminator_pool_first_from | discriminator_spectral_norm "
+        "| s per step (median) |" in out
+    )
     for r1_every, channels_last in ((4, False), (16, False), (4, True), (16, True)):
-        assert f"| {r1_every} | {channels_last} | None | " in out
+        assert f"| {r1_every} | {channels_last} | None | False | " in out
     for pool_first_from in (0, 1):
-        assert f"| 16 | True | {pool_first_from} | " in out
+        assert f"| 16 | True | {pool_first_from} | False | " in out
+    assert "| 16 | True | None | True | " in out
 
 
 def test_vae_training_step_tiny_prints_a_row_per_setting() -> None:
