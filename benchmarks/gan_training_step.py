@@ -3,8 +3,9 @@
 Each row is one combination of ``GANTrainingConfig.r1_every`` (the lazy R1 penalty every 4 or every 16 steps),
 ``GANTrainingConfig.channels_last`` (the networks in the channels-last memory format or not),
 ``GANTrainingConfig.discriminator_pool_first_from`` (which of the discriminator's blocks pool before their
-widening conv: none, all, or the second only) and ``GANTrainingConfig.discriminator_spectral_norm`` (every
-discriminator layer spectrally normalised, one power iteration a pass), trained on the recipe's networks and
+widening conv: none, all, or the second only), ``GANTrainingConfig.discriminator_spectral_norm`` (every
+discriminator layer spectrally normalised, one power iteration a pass) and the generator's last stage (the
+recipe's ``GANConfig.channels``, or with the last, full-resolution stage twice as wide), trained on the recipe's networks and
 batch size with random latents in place of the latent pool, at a hundredth of the recipe's learning rates (on
 random latents its own rates can diverge within 50 steps; the arithmetic of a step is the same at any rate).
 Each setting gets its own networks and a warm-up; then the settings take turns, ``--steps`` steps each,
@@ -32,17 +33,19 @@ from txt2img.training.clip import LatentCLIP, build_text_encoder
 from txt2img.training.gan_training import GANTrainingConfig, GANTrainingState, make_state, train_gan
 from txt2img.training.recipe import ShapesRecipe, vocabulary
 
-# (r1_every, channels_last, discriminator_pool_first_from, discriminator_spectral_norm): the one-pass recipe's
-# step first, the recipe's fourth
-Setting = tuple[int, bool, int | None, bool]
+# (r1_every, channels_last, discriminator_pool_first_from, discriminator_spectral_norm, wide_last_stage): the
+# one-pass recipe's step first, the recipe's fourth
+Setting = tuple[int, bool, int | None, bool, bool]
 SETTINGS: list[Setting] = [
-    (4, False, None, False),
-    (16, False, None, False),
-    (4, True, None, False),
-    (16, True, None, False),
-    (16, True, 0, False),
-    (16, True, 1, False),
-    (16, True, None, True),
+    (4, False, None, False, False),
+    (16, False, None, False, False),
+    (4, True, None, False, False),
+    (16, True, None, False, False),
+    (16, True, 0, False, False),
+    (16, True, 1, False, False),
+    (16, True, None, True, False),
+    (16, True, None, False, True),
+    (16, True, 1, False, True),
 ]
 
 
@@ -75,6 +78,11 @@ def main() -> None:
 
     negatives = np.random.default_rng(1)
 
+    def generator_channels(wide_last_stage: bool) -> tuple[int, ...]:
+        """The recipe's generator channels, the last (full-resolution) stage doubled if ``wide_last_stage``."""
+        channels = gan.channels
+        return (*channels[:-1], channels[-1] * 2) if wide_last_stage else channels
+
     def settings(
         r1_every: int, channels_last: bool, pool_first_from: int | None, spectral_norm: bool
     ) -> GANTrainingConfig:
@@ -90,7 +98,7 @@ def main() -> None:
 
     def train(state: GANTrainingState, setting: Setting, steps: int) -> float:
         training = dataclasses.replace(
-            settings(*setting),
+            settings(*setting[:4]),
             steps=state.step + steps,
             sample_every=0,
             checkpoint_every=0,
@@ -109,7 +117,8 @@ def main() -> None:
     states = {}
     for setting in SETTINGS:
         torch.manual_seed(0)
-        states[setting] = make_state(GANGenerator(gan), settings(*setting), size=side)
+        generator = GANGenerator(dataclasses.replace(gan, channels=generator_channels(setting[4])))
+        states[setting] = make_state(generator, settings(*setting[:4]), size=side)
         train(states[setting], setting, 4)  # warm-up
     times: dict[Setting, list[float]] = {setting: [] for setting in SETTINGS}
     for _ in range(args.rounds):
@@ -122,15 +131,15 @@ def main() -> None:
     print()
     print(
         "| r1_every | channels_last | discriminator_pool_first_from | discriminator_spectral_norm "
-        "| s per step (median) | vs the first row |"
+        "| generator channels | s per step (median) | vs the first row |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     base = statistics.median(times[SETTINGS[0]])
-    for (r1_every, channels_last, pool_first_from, spectral_norm), seconds in times.items():
+    for (r1_every, channels_last, pool_first_from, spectral_norm, wide), seconds in times.items():
         median = statistics.median(seconds)
         print(
-            f"| {r1_every} | {channels_last} | {pool_first_from} | {spectral_norm} | {median:.3f} "
-            f"| {median / base:.2f}× |"
+            f"| {r1_every} | {channels_last} | {pool_first_from} | {spectral_norm} "
+            f"| {generator_channels(wide)} | {median:.3f} | {median / base:.2f}× |"
         )
 
 

@@ -87,13 +87,16 @@ def test_gan_training_step_tiny_prints_a_row_per_setting() -> None:
     out = run_script("gan_training_step.py", "--tiny", "--steps", "2", "--rounds", "1")
     assert (
         "| r1_every | channels_last | discriminator_pool_first_from | discriminator_spectral_norm "
-        "| s per step (median) |" in out
+        "| generator channels | s per step (median) |" in out
     )
+    recipe, wide = "(32, 16, 16, 8)", "(32, 16, 16, 16)"  # the tiny recipe's generator, last stage doubled
     for r1_every, channels_last in ((4, False), (16, False), (4, True), (16, True)):
-        assert f"| {r1_every} | {channels_last} | None | False | " in out
+        assert f"| {r1_every} | {channels_last} | None | False | {recipe} | " in out
     for pool_first_from in (0, 1):
-        assert f"| 16 | True | {pool_first_from} | False | " in out
-    assert "| 16 | True | None | True | " in out
+        assert f"| 16 | True | {pool_first_from} | False | {recipe} | " in out
+    assert f"| 16 | True | None | True | {recipe} | " in out
+    for pool_first_from in (None, 1):
+        assert f"| 16 | True | {pool_first_from} | False | {wide} | " in out
 
 
 def test_vae_training_step_tiny_prints_a_row_per_setting() -> None:
