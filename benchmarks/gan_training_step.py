@@ -5,9 +5,10 @@ Each row is one combination of ``GANTrainingConfig.r1_every`` (the lazy R1 penal
 ``GANTrainingConfig.discriminator_pool_first_from`` (which of the discriminator's blocks pool before their
 widening conv: none, all, or the second only), ``GANTrainingConfig.discriminator_spectral_norm`` (every
 discriminator layer spectrally normalised, one power iteration a pass) and the generator's last stage (the
-recipe's ``GANConfig.channels``, or with the last, full-resolution stage twice as wide), trained on the recipe's networks and
-batch size with random latents in place of the latent pool, at a hundredth of the recipe's learning rates (on
-random latents its own rates can diverge within 50 steps; the arithmetic of a step is the same at any rate).
+recipe's ``GANConfig.channels``, or with the last, full-resolution stage twice as wide), trained on the
+recipe's networks and batch size with random latents in place of the latent pool, at a hundredth of the
+recipe's learning rates (on random latents its own rates can diverge within 50 steps; the arithmetic of a step
+is the same at any rate).
 Each setting gets its own networks and a warm-up; then the settings take turns, ``--steps`` steps each,
 ``--rounds`` times, and the table gives each one's median. The numbers in docs/training.md come from:
 
