@@ -24,6 +24,7 @@ import platform
 import statistics
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,19 +35,28 @@ from txt2img.training.clip import LatentCLIP, build_text_encoder
 from txt2img.training.gan_training import GANTrainingConfig, GANTrainingState, make_state, train_gan
 from txt2img.training.recipe import ShapesRecipe, vocabulary
 
-# (r1_every, channels_last, discriminator_pool_first_from, discriminator_spectral_norm, wide_last_stage): the
-# one-pass recipe's step first, the recipe's fourth
-Setting = tuple[int, bool, int | None, bool, bool]
-SETTINGS: list[Setting] = [
-    (4, False, None, False, False),
-    (16, False, None, False, False),
-    (4, True, None, False, False),
-    (16, True, None, False, False),
-    (16, True, 0, False, False),
-    (16, True, 1, False, False),
-    (16, True, None, True, False),
-    (16, True, None, False, True),
-    (16, True, 1, False, True),
+
+class Setting(NamedTuple):
+    """One row of the table: ``GANTrainingConfig`` fields, and whether the generator's last stage is doubled."""
+
+    r1_every: int
+    channels_last: bool
+    pool_first_from: int | None
+    spectral_norm: bool
+    wide_last_stage: bool
+
+
+# the one-pass recipe's step first, the recipe's fourth
+SETTINGS = [
+    Setting(4, False, None, False, False),
+    Setting(16, False, None, False, False),
+    Setting(4, True, None, False, False),
+    Setting(16, True, None, False, False),
+    Setting(16, True, 0, False, False),
+    Setting(16, True, 1, False, False),
+    Setting(16, True, None, True, False),
+    Setting(16, True, None, False, True),
+    Setting(16, True, 1, False, True),
 ]
 
 
@@ -84,22 +94,20 @@ def main() -> None:
         channels = gan.channels
         return (*channels[:-1], channels[-1] * 2) if wide_last_stage else channels
 
-    def settings(
-        r1_every: int, channels_last: bool, pool_first_from: int | None, spectral_norm: bool
-    ) -> GANTrainingConfig:
+    def settings(setting: Setting) -> GANTrainingConfig:
         return dataclasses.replace(
             recipe.gan_training,
-            r1_every=r1_every,
-            channels_last=channels_last,
-            discriminator_pool_first_from=pool_first_from,
-            discriminator_spectral_norm=spectral_norm,
+            r1_every=setting.r1_every,
+            channels_last=setting.channels_last,
+            discriminator_pool_first_from=setting.pool_first_from,
+            discriminator_spectral_norm=setting.spectral_norm,
             lr_g=recipe.gan_training.lr_g / 100,  # random latents can make the recipe's rates diverge;
             lr_d=recipe.gan_training.lr_d / 100,  # a step's arithmetic does not depend on them
         )
 
     def train(state: GANTrainingState, setting: Setting, steps: int) -> float:
         training = dataclasses.replace(
-            settings(*setting[:4]),
+            settings(setting),
             steps=state.step + steps,
             sample_every=0,
             checkpoint_every=0,
@@ -118,8 +126,10 @@ def main() -> None:
     states = {}
     for setting in SETTINGS:
         torch.manual_seed(0)
-        generator = GANGenerator(dataclasses.replace(gan, channels=generator_channels(setting[4])))
-        states[setting] = make_state(generator, settings(*setting[:4]), size=side)
+        generator = GANGenerator(
+            dataclasses.replace(gan, channels=generator_channels(setting.wide_last_stage))
+        )
+        states[setting] = make_state(generator, settings(setting), size=side)
         train(states[setting], setting, 4)  # warm-up
     times: dict[Setting, list[float]] = {setting: [] for setting in SETTINGS}
     for _ in range(args.rounds):
