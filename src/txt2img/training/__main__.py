@@ -1,5 +1,7 @@
 """``python -m txt2img.training shapes --out DIR``: reproduce the embedded default model from scratch.
 
+``python -m txt2img.training folder --data DIR --out OUT``: train a model on a folder of captioned images.
+
 Also under ``torchrun --nproc_per_node N -m txt2img.training shapes --out DIR``: data parallel on N processes
 (see docs/distributed.md).
 """
@@ -36,11 +38,27 @@ def main(argv: list[str] | None = None) -> int:
         "--num-images", type=int, default=600, help="evaluation images per split (default 600)"
     )
     baseline.add_argument("--quiet", action="store_true", help="no progress bars")
+    folder = commands.add_parser(
+        "folder",
+        help="train a model on your own captioned images (metadata.jsonl, or .txt captions beside them)",
+    )
+    folder.add_argument("--data", required=True, help="the folder of images and captions")
+    folder.add_argument("--out", required=True, help="output folder; the pipeline goes to OUT/model")
+    folder.add_argument(
+        "--size", type=int, default=64, help="image side in px, a multiple of 16 (default 64)"
+    )
+    folder.add_argument("--seed", type=int, default=0)
+    folder.add_argument(
+        "--gan-steps", type=int, default=None, help="steps of the GAN stage (default: the recipe's, 3,500)"
+    )
+    folder.add_argument("--tiny", action="store_true", help="a few steps on small networks (a smoke test)")
+    folder.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if getattr(args, "gan_steps", None) is not None and args.gan_steps < 1:
         parser.error(f"--gan-steps must be 1 or more, got {args.gan_steps}")
 
     from txt2img import allocator, distributed
+    from txt2img.training.folder_recipe import FolderRecipe, train_folder
     from txt2img.training.gan_training import TrainingDiverged
     from txt2img.training.recipe import ShapesRecipe, compare_with_baseline, run
 
@@ -53,17 +71,28 @@ def main(argv: list[str] | None = None) -> int:
             if main:
                 print(table)
             return 0
-        recipe = ShapesRecipe.tiny(args.seed) if args.tiny else ShapesRecipe(seed=args.seed)
-        if args.gan_steps is not None:
-            recipe.gan_training = dataclasses.replace(recipe.gan_training, steps=args.gan_steps)
         start = time.perf_counter()
         try:
+            recipe: ShapesRecipe | FolderRecipe
+            if args.command == "folder":
+                recipe = (
+                    FolderRecipe.tiny(args.seed, args.size)
+                    if args.tiny
+                    else FolderRecipe(args.seed, args.size)
+                )
+            else:
+                recipe = ShapesRecipe.tiny(args.seed) if args.tiny else ShapesRecipe(seed=args.seed)
+            if args.gan_steps is not None:
+                recipe.gan_training = dataclasses.replace(recipe.gan_training, steps=args.gan_steps)
             with allocator.reuse_freed_memory():  # every step frees and allocates the same buffers: about 10%
-                model = run(recipe, args.out, progress=progress, resume=args.resume)
-        except (TrainingDiverged, ValueError) as error:
+                if isinstance(recipe, FolderRecipe):
+                    model = train_folder(recipe, args.data, args.out, progress=progress)
+                else:
+                    model = run(recipe, args.out, progress=progress, resume=args.resume)
+        except (TrainingDiverged, ValueError, OSError) as error:
             print(f"python -m txt2img.training: error: {error}", file=sys.stderr)
             # The message's advice is train_gan's; this command resumes only with the settings a run began with.
-            if isinstance(error, TrainingDiverged):
+            if isinstance(error, TrainingDiverged) and args.command == "shapes":
                 print(
                     "python -m txt2img.training: --resume continues a run only with the settings it started "
                     "with; for another seed or other settings, start again with another --out folder.",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from txt2img import distributed
 from txt2img.gan import GANConfig, GANGenerator
 from txt2img.images import to_numpy, to_uint8, to_unit_range
 from txt2img.pipeline import Txt2ImgPipeline
+from txt2img.text_encoder import TextEncoder
 from txt2img.training import shapes
 from txt2img.training.baseline import (
     BaselineTrainingConfig,
@@ -199,6 +200,33 @@ class LatentPool:
                 self.latents[torch.from_numpy(index)],
                 [shapes.varied_caption(self.specs[i], rng) for i in index],
             )
+
+
+@torch.no_grad()
+def write_sample_grid(
+    generator: GANGenerator,
+    text_encoder: TextEncoder,
+    decoder: VAEDecoder,
+    prompts: Sequence[str],
+    noise: torch.Tensor,
+    path: Path,
+) -> None:
+    """Write a PNG grid of the generator's images: a row per prompt, a column per noise vector.
+
+    Args:
+        generator: The generator (the EMA one, in training).
+        text_encoder: Its text encoder.
+        decoder: The VAE decoder of its latents.
+        prompts: P prompts.
+        noise: (P × K, z_dim): K noise vectors per prompt, the prompt's first.
+        path: The PNG to write (its folder is created if need be).
+    """
+    columns = len(noise) // len(prompts)
+    latents = generator.generate(noise, text_encoder.encode([p for p in prompts for _ in range(columns)]))
+    images = to_uint8(to_numpy(to_unit_range(decoder.decode(latents))))
+    grid = make_image_grid([Image.fromarray(image) for image in images], rows=len(prompts), cols=columns)
+    path.parent.mkdir(parents=True, exist_ok=True)  # also when training wrote no grid (sample_every=0)
+    grid.save(path)
 
 
 @torch.no_grad()
@@ -410,14 +438,8 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
         generator=torch.Generator().manual_seed(recipe.seed),
     )
 
-    @torch.no_grad()
     def write_samples(generator: GANGenerator, path: Path) -> None:
-        prompts = [p for p in SAMPLE_PROMPTS for _ in range(4)]
-        latents = generator.generate(sample_noise, text_encoder.encode(prompts))
-        images = to_uint8(to_numpy(to_unit_range(decoder.decode(latents))))
-        make_image_grid([Image.fromarray(image) for image in images], rows=len(images) // 8, cols=8).save(
-            path
-        )
+        write_sample_grid(generator, text_encoder, decoder, SAMPLE_PROMPTS, sample_noise, path)
 
     rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 4]))
     batches = pool.batches(rng, recipe.gan_training.batch_size)
