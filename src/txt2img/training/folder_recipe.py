@@ -43,7 +43,7 @@ from txt2img.training.clip import (
 )
 from txt2img.training.folder_data import ImageFolderDataset
 from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
-from txt2img.training.recipe import write_sample_grid
+from txt2img.training.recipe import ShapesRecipe, write_sample_grid
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
 from txt2img.vae import VAEConfig, VAEEncoder, scale_latents
 
@@ -76,35 +76,19 @@ class FolderRecipe:
 
     seed: int = 0
     size: int = 64
-    vae_batch_size: int = 16
-    clip_batch_size: int = 256
-    vae: VAEConfig = dataclasses.field(
-        default_factory=lambda: VAEConfig(
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            norm_num_groups=8,
-            latent_channels=8,
-            mid_block_add_attention=False,
-        )
-    )
+    vae_batch_size: int = ShapesRecipe.vae_batch_size
+    clip_batch_size: int = ShapesRecipe.clip_batch_size
+    vae: VAEConfig = dataclasses.field(default_factory=lambda: ShapesRecipe().vae)
     text: TextEncoderShape = dataclasses.field(default_factory=TextEncoderShape)
-    gan: GANConfig = dataclasses.field(
-        default_factory=lambda: GANConfig(
-            z_dim=64, w_dim=256, channels=(256, 128, 64, 32), attention=(True, True, False, False)
-        )
-    )
+    gan: GANConfig = dataclasses.field(default_factory=lambda: ShapesRecipe().gan)
     vae_training: VAETrainingConfig = dataclasses.field(
-        default_factory=lambda: VAETrainingConfig(
-            steps=3000, lr=1e-3, sample_posterior=False, decoder_steps=2000, decoder_lr=1e-3
-        )
+        default_factory=lambda: for_folders(ShapesRecipe())[0]
     )
     clip_training: CLIPTrainingConfig = dataclasses.field(
-        default_factory=lambda: CLIPTrainingConfig(steps=600, word_weight=1.0)
+        default_factory=lambda: ShapesRecipe().clip_training
     )
     gan_training: GANTrainingConfig = dataclasses.field(
-        default_factory=lambda: GANTrainingConfig(
-            steps=3500, lr_d=5e-4, discriminator_width=32, r1_gamma=0.4, r1_every=16, channels_last=True
-        )
+        default_factory=lambda: for_folders(ShapesRecipe())[1]
     )
 
     def __post_init__(self) -> None:
@@ -116,35 +100,35 @@ class FolderRecipe:
 
     @classmethod
     def tiny(cls, seed: int = 0, size: int = 64) -> FolderRecipe:
-        """A few steps of every stage on small networks: for tests and smoke runs (seconds)."""
+        """A few steps of every stage on small networks, as ``ShapesRecipe.tiny``: for tests and smoke runs
+        (seconds)."""
+        shapes = ShapesRecipe.tiny(seed)
+        vae_training, gan_training = for_folders(shapes)
         return cls(
             seed=seed,
             size=size,
-            vae_batch_size=8,
-            clip_batch_size=32,
-            vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
-            text=TextEncoderShape(hidden_size=32, layers=1, heads=2),
-            gan=GANConfig(
-                z_dim=16,
-                w_dim=32,
-                channels=(32, 16, 16, 8),
-                attention=(True, False, False, False),
-                attention_heads=2,
-            ),
-            vae_training=VAETrainingConfig(steps=20, decoder_steps=5),
-            clip_training=CLIPTrainingConfig(steps=20, word_weight=1.0),
-            gan_training=GANTrainingConfig(
-                steps=20,
-                batch_size=16,
-                lr_d=5e-4,
-                sample_every=10,
-                checkpoint_every=10,
-                discriminator_width=16,
-            ),
+            vae_batch_size=shapes.vae_batch_size,
+            clip_batch_size=shapes.clip_batch_size,
+            vae=shapes.vae,
+            text=shapes.text,
+            gan=shapes.gan,
+            vae_training=vae_training,
+            clip_training=shapes.clip_training,
+            gan_training=gan_training,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def for_folders(recipe: ShapesRecipe) -> tuple[VAETrainingConfig, GANTrainingConfig]:
+    """A Shapes-64 recipe's VAE and GAN training settings for users' images: no extra weight on object
+    pixels, no shape-swapped captions, half the discriminator's learning rate."""
+    vae_training = dataclasses.replace(recipe.vae_training, object_weight=0.0, decoder_object_weight=0.0)
+    gan_training = dataclasses.replace(
+        recipe.gan_training, hard_negative_fraction=0.0, lr_d=recipe.gan_training.lr_d / 2
+    )
+    return vae_training, gan_training
 
 
 def split_words(caption: str) -> list[str]:
