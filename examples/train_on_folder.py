@@ -16,7 +16,7 @@ command's defaults (3,000 VAE, 600 text-encoder and 3,500 GAN steps on larger ne
 model) take about an hour.
 
 Writes OUT/model (``Txt2ImgPipeline.from_pretrained("OUT/model")`` loads it) and OUT/samples.png, beside the
-run's own OUT/samples/ grids, OUT/vae_encoder and OUT/checkpoint.
+run's own OUT/samples/final.png, OUT/vae_encoder, recipe.json and timings.json.
 """
 
 from __future__ import annotations
@@ -62,26 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gan-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.size % 16:
-        parser.error(
-            f"--size must be a multiple of 16 (the VAE halves it, the GAN upsamples 8×), got {args.size}"
-        )
+    try:  # the recipe's tiny networks, with this script's steps
+        recipe = FolderRecipe.tiny(args.seed, args.size)
+    except ValueError as error:
+        parser.error(str(error))
+    recipe.vae_training = dataclasses.replace(recipe.vae_training, steps=args.vae_steps, decoder_steps=0)
+    recipe.clip_training = dataclasses.replace(recipe.clip_training, steps=args.clip_steps)
+    recipe.gan_training = dataclasses.replace(recipe.gan_training, steps=args.gan_steps, sample_every=0)
     out = Path(args.out)
     folder = Path(args.folder) if args.folder else write_example_folder(out / "data", 256, args.seed)
     start = time.perf_counter()
 
-    # 1. The settings: the recipe's tiny networks, with this script's steps
-    recipe = FolderRecipe.tiny(args.seed, args.size)
-    recipe.vae_training = dataclasses.replace(recipe.vae_training, steps=args.vae_steps, decoder_steps=0)
-    recipe.clip_training = dataclasses.replace(recipe.clip_training, steps=args.clip_steps)
-    recipe.gan_training = dataclasses.replace(
-        recipe.gan_training, steps=args.gan_steps, sample_every=0, checkpoint_every=0
-    )
-
-    # 2. Train every stage (the folder is checked first, so a broken one fails before any training)
+    # 1. Train every stage (the folder is checked first, so a broken one fails before any training)
     model = train_folder(recipe, folder, out)
 
-    # 3. Load the saved pipeline back and draw samples: a row per prompt, two seeds
+    # 2. Load the saved pipeline back and draw samples: a row per prompt, two seeds
     pipe = Txt2ImgPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     captions = [caption for _, caption in ImageFolderDataset(folder).items]

@@ -14,20 +14,26 @@ from PIL import Image
 from txt2img import Txt2ImgPipeline, VAEDecoder
 from txt2img.training import __main__ as command
 from txt2img.training import shapes
-from txt2img.training.folder_recipe import FolderRecipe, caption_words, fit_captions, split_words
+from txt2img.training.clip import build_word_tokenizer, split_words
+from txt2img.training.folder_recipe import FolderRecipe, caption_words, fit_captions, other_captions
+from txt2img.training.recipe import ShapesRecipe
 
 SIZE = 32
 
 
+LONG = " ".join(["a red circle on a blue background"] * 4)  # 28 words, no punctuation: 28 tokens
+
+
 def write_folder(folder: Path, count: int = 12) -> list[str]:
-    """Shapes-64 renderings with a ``.txt`` caption beside each (capitalised, with a full stop)."""
+    """Shapes-64 renderings with a ``.txt`` caption beside each (capitalised, with a full stop); the last
+    caption is ``LONG``."""
     folder.mkdir()
     images, captions, _ = shapes.sample_batch(np.random.default_rng(0), count, canonical=True)
     pixels = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     written = []
     for i, (image, caption) in enumerate(zip(pixels, captions)):
         Image.fromarray(image).save(folder / f"{i:02d}.png")
-        written.append(caption.capitalize() + ".")
+        written.append(LONG if i == count - 1 else caption.capitalize() + ".")
         (folder / f"{i:02d}.txt").write_text(written[-1])
     return written
 
@@ -47,6 +53,7 @@ def test_folder_command_writes_a_pipeline_that_draws_at_the_folders_size(folder_
     image = pipe(captions[0], generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (SIZE, SIZE)
     assert pipe.vae.config.sample_size == SIZE
+    assert pipe.text_encoder.max_length == len(LONG.split()) + 2  # the longest caption, BOS and EOS
     # Every word of every caption is in the tokenizer's vocabulary: no unknown tokens.
     ids, mask = pipe.text_encoder.tokenize(captions)
     unknown = pipe.text_encoder.tokenizer.token_id("unk_token")
@@ -73,17 +80,51 @@ def test_folder_run_is_deterministic_for_a_seed(folder_run, tmp_path: Path) -> N
     assert all(torch.equal(first_gan[k], again_gan[k]) for k in first_gan)
 
 
-def test_caption_words_split_as_the_tokenizer_does() -> None:
-    assert caption_words(["A red Circle, on blue.", "a  red square"]) == [
-        ",",
-        ".",
-        "a",
-        "blue",
-        "circle",
-        "on",
-        "red",
-        "square",
-    ]
+def test_caption_words_are_the_tokens_of_the_tokenizer_built_from_them() -> None:
+    captions = ["A red Circle, on blue.", "a  red square!?", "Ünïcode ＦＵＬＬＷＩＤＴＨ"]
+    words = caption_words(captions)
+    assert words == sorted(set(words)) and "," in words and "circle" in words and "!?" in words
+    tokenizer = build_word_tokenizer(words, max_length=16)
+    for caption in captions:  # the tokenizer splits each caption into these words, and knows every one
+        encoding = tokenizer.backend.encode(caption)
+        assert encoding.tokens[1 : 1 + len(split_words(caption))] == split_words(caption)
+        assert "[UNK]" not in encoding.tokens
+
+
+def test_folder_recipe_is_the_shapes_recipe_but_where_it_relies_on_its_data() -> None:
+    folder, shapes_recipe = FolderRecipe(), ShapesRecipe()
+    assert shapes_recipe.vae_training.object_weight > 0 and folder.vae_training.object_weight == 0
+    assert folder.vae_training.decoder_object_weight == 0
+    assert folder.gan_training.lr_d == shapes_recipe.gan_training.lr_d / 2
+    assert folder.gan_training.hard_negative_fraction == 1.0  # every mismatched caption another image's
+    assert folder.gan_training.checkpoint_every == 0
+    unchanged = (
+        "steps",
+        "batch_size",
+        "lr_g",
+        "r1_gamma",
+        "r1_every",
+        "discriminator_width",
+        "channels_last",
+    )
+    for name in unchanged:
+        assert getattr(folder.gan_training, name) == getattr(shapes_recipe.gan_training, name), name
+    assert folder.vae_training.steps == shapes_recipe.vae_training.steps
+    assert folder.clip_training == shapes_recipe.clip_training
+    assert folder.gan.channels == shapes_recipe.gan.channels
+    assert folder.vae.block_out_channels == shapes_recipe.vae.block_out_channels
+    # Sizes follow --size: the VAE's, and the generator's constant (latent side / 8).
+    assert FolderRecipe(size=128).vae.sample_size == 128
+    assert FolderRecipe(size=128).gan.const_size == 128 // 2 // 8
+
+
+def test_mismatched_captions_are_never_the_images_own() -> None:
+    captions = ["a", "b", "b", "c", "a"]
+    negatives = other_captions(captions, np.random.default_rng(0))
+    batch = ["a", "b", "c"] * 200
+    drawn = negatives(batch)
+    assert all(own != other for own, other in zip(batch, drawn))
+    assert {other for own, other in zip(batch, drawn) if own == "a"} == {"b", "c"}  # both others drawn
 
 
 @pytest.mark.parametrize("size", [40, 8, 0])
@@ -103,15 +144,22 @@ def test_folder_command_reports_bad_input_without_a_traceback(tmp_path: Path, ca
     assert command.main(["folder", "--data", str(tmp_path / "data"), "--out", str(out), "--size", "40"]) == 1
     assert "size 40 is not a multiple of 16" in capsys.readouterr().err
     assert not out.exists()  # nothing written for a run that could not start
+    (tmp_path / "data" / "01.txt").write_text("  ")
+    assert command.main(["folder", "--data", str(tmp_path / "data"), "--out", str(out), "--tiny"]) == 1
+    assert f"1 of the 2 images in {tmp_path / 'data'} have an empty caption" in capsys.readouterr().err
+    (tmp_path / "data" / "01.txt").write_text((tmp_path / "data" / "00.txt").read_text())
+    assert command.main(["folder", "--data", str(tmp_path / "data"), "--out", str(out), "--tiny"]) == 1
+    assert "has the same caption" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_long_captions_are_cut_once_to_what_the_text_encoder_reads(caplog) -> None:
-    long = "a red circle, " * 40  # 160 words
+    long = "a red circle, " * 40  # 160 tokens
     with caplog.at_level(logging.WARNING, logger="txt2img.training.folder_recipe"):
-        fitted = fit_captions(["a blue square", long], max_words=75)
+        fitted = fit_captions(["a blue square", long], max_tokens=75)
     assert fitted[0] == "a blue square"  # a caption that fits is kept as written
     assert split_words(fitted[1]) == split_words(long)[:75]
-    assert "1 of the 2 captions are longer than the text encoder's 75 words" in caplog.text
+    assert "1 of the 2 captions are longer than the text encoder's 75 tokens" in caplog.text
 
 
 def test_an_unreadable_image_stops_the_run_before_anything_is_written(tmp_path: Path, capsys) -> None:

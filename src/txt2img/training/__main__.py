@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         except (TrainingDiverged, ValueError, OSError) as error:
             print(f"python -m txt2img.training: error: {error}", file=sys.stderr)
             # The message's advice is train_gan's; this command resumes only with the settings a run began with.
+            if isinstance(error, TrainingDiverged) and args.command == "folder":
+                print(
+                    "python -m txt2img.training: a folder run writes no checkpoint; start again with another "
+                    "--seed, or from Python with train_folder and a lower gan_training.lr_d.",
+                    file=sys.stderr,
+                )
             if isinstance(error, TrainingDiverged) and args.command == "shapes":
                 print(
                     "python -m txt2img.training: --resume continues a run only with the settings it started "

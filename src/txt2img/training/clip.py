@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +29,31 @@ SPECIAL_TOKENS = (
 )  # [EOS] must not get id 2: CLIP treats that id as legacy
 
 
+def _word_splitting() -> tuple[Any, Any]:
+    """The word-level tokenizer's normalizer (NFKC, lower case) and pre-tokenizer (words and runs of
+    punctuation, as ``\\w+|[^\\w\\s]+``)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    return normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]), pre_tokenizers.Whitespace()
+
+
+def split_words(text: str) -> list[str]:
+    """The words of ``text`` as the word-level tokenizer splits them, one token each:
+    ``"A red circle."`` → ``["a", "red", "circle", "."]``."""
+    normalizer, pre_tokenizer = _word_splitting()
+    return [word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
+
+
 def build_word_tokenizer(words: Iterable[str], max_length: int) -> Tokenizer:
-    """A word-level tokenizer (lower-cased, split on whitespace and punctuation) with BOS/EOS and padding,
-    saved as ``tokenizer.json``."""
+    """A word-level tokenizer (``split_words``) with BOS/EOS and padding, saved as ``tokenizer.json``."""
     from tokenizers import Tokenizer as Backend
-    from tokenizers import models, normalizers, pre_tokenizers, processors
+    from tokenizers import models, processors
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in sorted({w.lower() for w in words}):
         vocab.setdefault(word, len(vocab))
     backend = Backend(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.normalizer, backend.pre_tokenizer = _word_splitting()
     backend.post_processor = processors.TemplateProcessing(
         single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
     )

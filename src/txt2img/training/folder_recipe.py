@@ -10,8 +10,8 @@ The folder is read by :class:`~txt2img.training.folder_data.ImageFolderDataset` 
 2. Latent pool: every image encoded once (all images are held in memory: 48 KiB each at 64 × 64).
 3. Text encoder: a word-level CLIP text model over the captions' words, trained against a latent-image
    encoder on the pool, with the bag-of-words loss; then frozen.
-4. GAN: the native generator trained on the pool; the mismatched captions the discriminator must reject are
-   other images' captions (there is no shape to swap in users' captions).
+4. GAN: the native generator trained on the pool; each mismatched caption the discriminator must reject is
+   drawn from the folder's captions other than the image's own.
 5. Save: text encoder + EMA generator + VAE decoder as a pipeline folder (``OUT/model``), the VAE encoder
    beside it (``OUT/vae_encoder``), sample grids of the first captions in ``OUT/samples``.
 
@@ -24,7 +24,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,105 +39,144 @@ from txt2img.training.clip import (
     LatentCLIP,
     TextEncoderShape,
     build_text_encoder,
+    split_words,
     train_latent_clip,
 )
 from txt2img.training.folder_data import ImageFolderDataset
 from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
-from txt2img.training.recipe import ShapesRecipe, write_sample_grid
+from txt2img.training.recipe import ShapesRecipe, encode_latents, write_sample_grid
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
-from txt2img.vae import VAEConfig, VAEEncoder, scale_latents
+from txt2img.vae import VAEConfig
 
 logger = logging.getLogger(__name__)
 
 MAX_TOKENS = 77  # the longest prompt the text encoder reads, BOS and EOS included (CLIP's)
 
+# What a folder run changes in the Shapes-64 recipe's settings, because the recipe relies on its data there:
+# the extra weight on object pixels needs a plain background; the shape-swapped mismatched captions need
+# Shapes-64 captions (here every mismatched caption is another of the folder's captions, never the image's
+# own); with the recipe's discriminator rate a seed-1 run diverged on one machine and every run tried on
+# another, where half of it went through for two seeds (docs/training.md, "A steadier discriminator"); a
+# checkpoint has no use without a resume.
+FOR_FOLDERS: dict[str, dict[str, Any]] = {
+    "vae_training": {"object_weight": 0.0, "decoder_object_weight": 0.0},
+    "gan_training": {"hard_negative_fraction": 1.0, "lr_d": 5e-4, "checkpoint_every": 0},
+}
+SHARED = (
+    "vae_batch_size",
+    "clip_batch_size",
+    "vae",
+    "text",
+    "gan",
+    "vae_training",
+    "clip_training",
+    "gan_training",
+)
+
+
+def adapted(shapes: ShapesRecipe, name: str) -> Any:
+    """A Shapes-64 recipe's setting ``name`` (one of ``SHARED``) with the changes ``FOR_FOLDERS`` lists."""
+    value = getattr(shapes, name)
+    return dataclasses.replace(value, **FOR_FOLDERS[name]) if name in FOR_FOLDERS else value
+
 
 @dataclasses.dataclass
 class FolderRecipe:
-    """Every setting of a run on a folder; the defaults are the Shapes-64 recipe's where they carry over.
-
-    They differ where the Shapes-64 recipe relies on its data: no extra weight on object pixels (which needs
-    a plain background), no shape-swapped captions, and half the discriminator's learning rate, which held
-    on every machine tried (docs/training.md, "A steadier discriminator").
+    """Every setting of a run on a folder: the Shapes-64 recipe's, changed only where it relies on its data
+    (``FOR_FOLDERS``: no extra weight on object pixels, mismatched captions drawn from the folder's other
+    captions, half the discriminator's learning rate, no checkpoints).
 
     Args:
         seed: Seeds every stage.
-        size: Side of the square images trained on and generated, in px; a multiple of 16. Images are resized
-            so the shorter side is ``size``, then centre-cropped.
+        size: Side of the square images trained on and generated, in px. Images are resized so the shorter
+            side is ``size``, then centre-cropped. With the default networks a multiple of 16.
         vae_batch_size: Images per VAE step.
         clip_batch_size: Pairs per contrastive step.
-        vae: Shape of the autoencoder (its ``sample_size`` follows ``size``).
-        text: Shape of the text encoder (its ``max_length`` follows the longest caption, up to 77 tokens).
-        gan: Shape of the generator (its text sizes follow ``text``, its ``const_size`` follows ``size``).
+        vae: Shape of the autoencoder (its ``sample_size`` is set to ``size``).
+        text: Shape of the text encoder (its ``max_length`` grows to the longest caption, up to 77 tokens).
+        gan: Shape of the generator (its latent channels, text sizes and ``const_size`` are set to fit).
         vae_training: The autoencoder's optimisation settings.
         clip_training: The text encoder's optimisation settings.
         gan_training: The generator's optimisation settings.
+
+    Raises:
+        ValueError: ``size`` that the networks cannot halve and double back to.
     """
 
     seed: int = 0
     size: int = 64
     vae_batch_size: int = ShapesRecipe.vae_batch_size
     clip_batch_size: int = ShapesRecipe.clip_batch_size
-    vae: VAEConfig = dataclasses.field(default_factory=lambda: ShapesRecipe().vae)
-    text: TextEncoderShape = dataclasses.field(default_factory=TextEncoderShape)
-    gan: GANConfig = dataclasses.field(default_factory=lambda: ShapesRecipe().gan)
+    vae: VAEConfig = dataclasses.field(default_factory=lambda: adapted(ShapesRecipe(), "vae"))
+    text: TextEncoderShape = dataclasses.field(default_factory=lambda: adapted(ShapesRecipe(), "text"))
+    gan: GANConfig = dataclasses.field(default_factory=lambda: adapted(ShapesRecipe(), "gan"))
     vae_training: VAETrainingConfig = dataclasses.field(
-        default_factory=lambda: for_folders(ShapesRecipe())[0]
+        default_factory=lambda: adapted(ShapesRecipe(), "vae_training")
     )
     clip_training: CLIPTrainingConfig = dataclasses.field(
-        default_factory=lambda: ShapesRecipe().clip_training
+        default_factory=lambda: adapted(ShapesRecipe(), "clip_training")
     )
     gan_training: GANTrainingConfig = dataclasses.field(
-        default_factory=lambda: for_folders(ShapesRecipe())[1]
+        default_factory=lambda: adapted(ShapesRecipe(), "gan_training")
     )
 
     def __post_init__(self) -> None:
-        if self.size < 16 or self.size % 16:
+        vae_factor = 2 ** (len(self.vae.block_out_channels) - 1)
+        gan_factor = 2 ** (len(self.gan.channels) - 1)
+        step = vae_factor * max(gan_factor, 4)  # the discriminator halves the latents twice
+        if self.size < step or self.size % step:
             raise ValueError(
-                f"FolderRecipe: size {self.size} is not a multiple of 16 (the VAE halves it and the generator "
-                "doubles a constant three times): use 32, 64, 128, ..."
+                f"FolderRecipe: size {self.size} is not a multiple of {step}: the VAE divides it by {vae_factor}, "
+                f"and the generator doubles a constant up to that side by {gan_factor}. Use "
+                f"{', '.join(str(step * k) for k in (2, 4, 8))}, ..."
             )
+        latent_side = self.size // vae_factor
+        self.vae = dataclasses.replace(self.vae, sample_size=self.size)
+        self.gan = dataclasses.replace(
+            self.gan,
+            latent_channels=self.vae.latent_channels,
+            text_dim=self.text.hidden_size,
+            pooled_dim=self.text.hidden_size,
+            const_size=latent_side // gan_factor,
+        )
 
     @classmethod
     def tiny(cls, seed: int = 0, size: int = 64) -> FolderRecipe:
-        """A few steps of every stage on small networks, as ``ShapesRecipe.tiny``: for tests and smoke runs
-        (seconds)."""
+        """``ShapesRecipe.tiny``'s few steps on small networks, changed as ``FOR_FOLDERS`` says: for tests and
+        smoke runs (seconds)."""
         shapes = ShapesRecipe.tiny(seed)
-        vae_training, gan_training = for_folders(shapes)
-        return cls(
-            seed=seed,
-            size=size,
-            vae_batch_size=shapes.vae_batch_size,
-            clip_batch_size=shapes.clip_batch_size,
-            vae=shapes.vae,
-            text=shapes.text,
-            gan=shapes.gan,
-            vae_training=vae_training,
-            clip_training=shapes.clip_training,
-            gan_training=gan_training,
-        )
+        return cls(seed, size, **{name: adapted(shapes, name) for name in SHARED})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def for_folders(recipe: ShapesRecipe) -> tuple[VAETrainingConfig, GANTrainingConfig]:
-    """A Shapes-64 recipe's VAE and GAN training settings for users' images: no extra weight on object
-    pixels, no shape-swapped captions, half the discriminator's learning rate."""
-    vae_training = dataclasses.replace(recipe.vae_training, object_weight=0.0, decoder_object_weight=0.0)
-    gan_training = dataclasses.replace(
-        recipe.gan_training, hard_negative_fraction=0.0, lr_d=recipe.gan_training.lr_d / 2
-    )
-    return vae_training, gan_training
+# ---------------------------------------------------------------------------------------------------------
+# Data
 
 
-def split_words(caption: str) -> list[str]:
-    """A caption's words as the word-level tokenizer splits them: NFKC-normalised, lower-cased, split on
-    whitespace and punctuation (``"A red circle."`` → ``["a", "red", "circle", "."]``); one token each."""
-    from tokenizers import normalizers, pre_tokenizers
+def read_folder(data: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Every image of the folder, (N, 3, size, size) float32 in [-1, 1], and its N captions.
 
-    normalized = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]).normalize_str(caption)
-    return [word for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(normalized)]
+    Raises:
+        OSError: ``data`` is not a folder, or an image cannot be read.
+        ValueError: no captioned images; a caption missing, malformed or empty; one caption for every image
+            (text conditioning needs two or more).
+    """
+    dataset = ImageFolderDataset(data, size=size)
+    empty = [path for path, caption in dataset.items if not caption]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} of the {len(dataset)} images in {data} have an empty caption (the first: {empty[0]}): "
+            "write what each shows, or remove them."
+        )
+    if len({caption for _, caption in dataset.items}) < 2:
+        raise ValueError(
+            f"Every image in {data} has the same caption: a text-to-image model learns from captions that "
+            "differ; give each image one that says what it shows."
+        )
+    images, captions = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(images), list(captions)
 
 
 def caption_words(captions: list[str]) -> list[str]:
@@ -145,34 +184,29 @@ def caption_words(captions: list[str]) -> list[str]:
     return sorted({word for caption in captions for word in split_words(caption)})
 
 
-def fit_captions(captions: list[str], max_words: int) -> list[str]:
-    """Captions cut to their first ``max_words`` words, so that the text encoder reads them whole; a cut one
-    is its words joined by spaces, which the tokenizer splits into the same tokens. A warning says how many
-    were cut (the text encoder would otherwise warn about each, at every training step)."""
+def fit_captions(captions: list[str], max_tokens: int) -> list[str]:
+    """Captions cut to their first ``max_tokens`` tokens (words and punctuation marks, ``split_words``), so
+    that the text encoder reads them whole; a cut one is its tokens joined by spaces, which the tokenizer
+    splits the same way. One warning says how many were cut (the text encoder would otherwise warn about each,
+    at every training step)."""
     fitted = []
     for caption in captions:
         words = split_words(caption)
-        fitted.append(caption if len(words) <= max_words else " ".join(words[:max_words]))
+        fitted.append(caption if len(words) <= max_tokens else " ".join(words[:max_tokens]))
     cut = sum(a is not b for a, b in zip(fitted, captions))
     if cut:
         logger.warning(
-            "%d of the %d captions are longer than the text encoder's %d words; training reads the first %d "
-            "words of each.",
+            "%d of the %d captions are longer than the text encoder's %d tokens; training reads the first %d "
+            "tokens (words and punctuation marks) of each.",
             cut,
             len(captions),
-            max_words,
-            max_words,
+            max_tokens,
+            max_tokens,
         )
     return fitted
 
 
-def load_images(data: ImageFolderDataset) -> tuple[torch.Tensor, list[str]]:
-    """Every image of the folder, (N, 3, size, size) float32 in [-1, 1], and its N captions."""
-    images, captions = zip(*(data[i] for i in range(len(data))))
-    return torch.stack(images), list(captions)
-
-
-def image_batches(images: torch.Tensor, rng: np.random.Generator, batch_size: int) -> Iterator[torch.Tensor]:
+def random_batches(images: torch.Tensor, rng: np.random.Generator, batch_size: int) -> Iterator[torch.Tensor]:
     """Random batches (B, 3, size, size) of ``images``, drawn with replacement."""
     while True:
         yield images[torch.from_numpy(rng.integers(len(images), size=batch_size))]
@@ -187,19 +221,21 @@ def pool_batches(
         yield latents[torch.from_numpy(index)], [captions[i] for i in index]
 
 
-@torch.no_grad()
-def encode_images(encoder: VAEEncoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Images (N, 3, size, size) → scaled latents (N, C, size/2, size/2): the posterior means."""
-    config = encoder.config
-    latents = [
-        scale_latents(
-            encoder.encode(batch.contiguous(memory_format=torch.channels_last))[0],
-            config.scaling_factor,
-            config.shift_factor,
-        )
-        for batch in images.split(batch_size)
-    ]
-    return torch.cat(latents).contiguous()
+def other_captions(captions: list[str], rng: np.random.Generator) -> Callable[[list[str]], list[str]]:
+    """``train_gan``'s ``negative_captions`` for a folder: for each caption, one of the folder's distinct
+    captions other than it, drawn uniformly. Needs two or more distinct captions."""
+    distinct = sorted(set(captions))
+    position = {caption: i for i, caption in enumerate(distinct)}
+
+    def negatives(batch: list[str]) -> list[str]:
+        drawn = rng.integers(len(distinct) - 1, size=len(batch))
+        return [distinct[j + (j >= position[c])] for c, j in zip(batch, drawn)]  # skip the caption's own
+
+    return negatives
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
 
 
 def train_folder(recipe: FolderRecipe, data: str | Path, out: str | Path, *, progress: bool = True) -> Path:
@@ -209,8 +245,8 @@ def train_folder(recipe: FolderRecipe, data: str | Path, out: str | Path, *, pro
         recipe: The settings.
         data: The folder (``metadata.jsonl`` with ``file_name`` and ``text``, or ``.txt`` captions beside
             the images).
-        out: Output folder (created): ``model/``, ``vae_encoder/``, ``samples/``, ``checkpoint/``,
-            ``recipe.json``, ``timings.json``.
+        out: Output folder (created): ``model/``, ``vae_encoder/``, ``samples/``, ``recipe.json``,
+            ``timings.json``.
         progress: Show tqdm bars.
 
     Returns:
@@ -218,10 +254,11 @@ def train_folder(recipe: FolderRecipe, data: str | Path, out: str | Path, *, pro
 
     Raises:
         OSError: ``data`` is not a folder, or an image cannot be read.
-        ValueError: ``data`` holds no captioned images, or a caption is missing or malformed.
+        ValueError: as ``read_folder``; before anything is written.
+        TrainingDiverged: the GAN stage diverged past its rollbacks (``train_gan``).
     """
-    # Every caption is checked and every image read before anything is written or trained.
-    images, captions = load_images(ImageFolderDataset(data, size=recipe.size))
+    images, captions = read_folder(data, recipe.size)  # every image read, every caption checked, first
+    captions = fit_captions(captions, MAX_TOKENS - 2)  # BOS and EOS take two tokens
     out = Path(out)
     main = distributed.is_main_process()
     if main:
@@ -231,14 +268,10 @@ def train_folder(recipe: FolderRecipe, data: str | Path, out: str | Path, *, pro
 
     # 1. VAE
     start = time.perf_counter()
-    vae = dataclasses.replace(recipe.vae, sample_size=recipe.size)
     rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 1]))
+    batches = random_batches(images, rng, recipe.vae_batch_size)
     encoder, decoder = train_vae(
-        vae,
-        recipe.vae_training,
-        image_batches(images, rng, recipe.vae_batch_size),
-        seed=recipe.seed,
-        progress=progress,
+        recipe.vae, recipe.vae_training, batches, seed=recipe.seed, progress=progress
     )
     if main:
         encoder.save_pretrained(out / "vae_encoder")
@@ -246,42 +279,33 @@ def train_folder(recipe: FolderRecipe, data: str | Path, out: str | Path, *, pro
 
     # 2. Latent pool
     start = time.perf_counter()
-    latents = encode_images(encoder, images)
+    latents = torch.cat([encode_latents(encoder, batch) for batch in images.split(256)]).contiguous()
     timings["pool"] = time.perf_counter() - start
 
     # 3. Text encoder
     start = time.perf_counter()
-    captions = fit_captions(captions, MAX_TOKENS - 2)  # BOS and EOS take two tokens
     longest = max(len(split_words(caption)) for caption in captions)
-    text = dataclasses.replace(
-        recipe.text, max_length=min(MAX_TOKENS, max(recipe.text.max_length, longest + 2))
-    )
+    text = dataclasses.replace(recipe.text, max_length=max(recipe.text.max_length, longest + 2))
     text_encoder = build_text_encoder(caption_words(captions), text, seed=recipe.seed)
-    clip = LatentCLIP(text_encoder, vae.latent_channels, latents.shape[-1])
+    clip = LatentCLIP(text_encoder, recipe.vae.latent_channels, latents.shape[-1])
     rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 3]))
-    clip = train_latent_clip(
-        clip,
-        recipe.clip_training,
-        pool_batches(latents, captions, rng, recipe.clip_batch_size),
-        seed=recipe.seed,
-        progress=progress,
-    )
+    pairs = pool_batches(latents, captions, rng, recipe.clip_batch_size)
+    clip = train_latent_clip(clip, recipe.clip_training, pairs, seed=recipe.seed, progress=progress)
     timings["text_encoder"] = time.perf_counter() - start
 
     # 4. GAN
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    gan = dataclasses.replace(
-        recipe.gan,
-        latent_channels=vae.latent_channels,
-        text_dim=text.hidden_size,
-        pooled_dim=text.hidden_size,
-        const_size=latents.shape[-1] // 2 ** (len(recipe.gan.channels) - 1),
+    state = make_state(
+        GANGenerator(recipe.gan),
+        recipe.gan_training,
+        size=latents.shape[-1],
+        image_size=recipe.size,
+        image_channels=decoder.config.out_channels,
     )
-    state = make_state(GANGenerator(gan), recipe.gan_training, size=latents.shape[-1])
     prompts = list(dict.fromkeys(captions))[:8]  # the first distinct captions, 4 seeds each
     sample_noise = torch.randn(
-        len(prompts) * 4, gan.z_dim, generator=torch.Generator().manual_seed(recipe.seed)
+        len(prompts) * 4, recipe.gan.z_dim, generator=torch.Generator().manual_seed(recipe.seed)
     )
 
     def write_samples(generator: GANGenerator, path: Path) -> None:
@@ -296,6 +320,10 @@ def train_folder(recipe: FolderRecipe, data: str | Path, out: str | Path, *, pro
         seed=recipe.seed,
         out_dir=out,
         sample_fn=write_samples,
+        negative_captions=other_captions(
+            captions, np.random.default_rng(distributed.rank_entropy([recipe.seed, 6]))
+        ),
+        decode=decoder.eval().requires_grad_(False).decode,
         progress=progress,
     )
     timings["gan"] = state.seconds
@@ -306,35 +334,59 @@ def train_folder(recipe: FolderRecipe, data: str | Path, out: str | Path, *, pro
     write_samples(state.generator_ema, out / "samples" / "final.png")
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     pipe = Txt2ImgPipeline(text_encoder.eval(), state.generator_ema.eval(), decoder.eval())
-    pipe.save_pretrained(
-        out / "model", model_card=model_card(recipe, data, captions, timings), overwrite_model_card=True
-    )
+    card = model_card(recipe, data, captions, timings)
+    pipe.save_pretrained(out / "model", model_card=card, overwrite_model_card=True)
     return out / "model"
+
+
+def training_command(recipe: FolderRecipe, data: str | Path) -> str:
+    """The command that trains ``recipe`` on ``data``, or, for settings no command gives, what to call."""
+    command = (
+        f"python -m txt2img.training folder --data {data} --out DIR --size {recipe.size} --seed {recipe.seed}"
+    )
+    for flag, base in (
+        ("", FolderRecipe(recipe.seed, recipe.size)),
+        (" --tiny", FolderRecipe.tiny(recipe.seed, recipe.size)),
+    ):
+        same_but_steps = dataclasses.replace(
+            recipe, gan_training=dataclasses.replace(recipe.gan_training, steps=base.gan_training.steps)
+        )
+        if same_but_steps == base:
+            steps = recipe.gan_training.steps
+            return command + flag + (f" --gan-steps {steps}" if steps != base.gan_training.steps else "")
+    return (
+        f"txt2img.training.folder_recipe.train_folder with the settings of the run's recipe.json, on {data}"
+    )
 
 
 def model_card(
     recipe: FolderRecipe, data: str | Path, captions: list[str], timings: dict[str, float]
 ) -> dict[str, Any]:
-    """The model card of a folder run: its data (``captions``, one per image) and its training."""
-    command = (
-        f"python -m txt2img.training folder --data {data} --out DIR --size {recipe.size} --seed {recipe.seed}"
-    )
-    if recipe.gan_training.steps != FolderRecipe().gan_training.steps:
-        command += f" --gan-steps {recipe.gan_training.steps}"
+    """The model card of a folder run.
+
+    Args:
+        recipe: The run's settings.
+        data: The folder it trained on.
+        captions: The folder's captions, one per image.
+        timings: Seconds per stage.
+
+    Returns:
+        The card's fields (``ModelCard``).
+    """
     stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
     return {
         "tags": ["gan"],
-        "datasets": [Path(data).name],
+        "datasets": [Path(data).resolve().name],
         "example_prompt": captions[0],
         "description": (
             f"A {recipe.size} × {recipe.size} text-to-image GAN trained from scratch on {len(captions)} "
             "captioned images."
         ),
         "training": (
-            f"`{command}` (txt2img.training.folder_recipe): a KL-VAE ({recipe.vae_training.steps} steps, then "
-            f"{recipe.vae_training.decoder_steps} of the decoder alone), a word-level CLIP text encoder "
-            f"({recipe.clip_training.steps} steps), then the GAN ({recipe.gan_training.steps} steps of "
-            f"{recipe.gan_training.batch_size}); the EMA generator is the one saved. "
-            f"{sum(timings.values()):.0f} s on the CPU of the training machine ({stages})."
+            f"`{training_command(recipe, data)}` (txt2img.training.folder_recipe): a KL-VAE "
+            f"({recipe.vae_training.steps} steps, then {recipe.vae_training.decoder_steps} of the decoder alone), "
+            f"a word-level CLIP text encoder ({recipe.clip_training.steps} steps), then the GAN "
+            f"({recipe.gan_training.steps} steps of {recipe.gan_training.batch_size}); the EMA generator is the "
+            f"one saved. {sum(timings.values()):.0f} s on the CPU of the training machine ({stages})."
         ),
     }

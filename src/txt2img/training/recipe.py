@@ -234,14 +234,20 @@ def encode_pool(
     encoder: VAEEncoder, rng: np.random.Generator, size: int, batch_size: int = 256
 ) -> LatentPool:
     """Render ``size`` training images and encode them to scaled latents (posterior means)."""
-    config = encoder.config
     latents, specs = [], []
     for start in range(0, size, batch_size):
         images, _, batch_specs = shapes.sample_batch(rng, min(batch_size, size - start))
-        mean, _ = encoder.encode(images.contiguous(memory_format=torch.channels_last))
-        latents.append(scale_latents(mean, config.scaling_factor, config.shift_factor))
+        latents.append(encode_latents(encoder, images))
         specs.extend(batch_specs)
     return LatentPool(torch.cat(latents).contiguous(), specs)
+
+
+@torch.no_grad()
+def encode_latents(encoder: VAEEncoder, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] → the scaled latents the later stages train on: the posterior means,
+    shifted and scaled by the encoder's fitted factors (B, C, H/f, W/f)."""
+    mean, _ = encoder.encode(images.contiguous(memory_format=torch.channels_last))
+    return scale_latents(mean, encoder.config.scaling_factor, encoder.config.shift_factor)
 
 
 def model_card(
