@@ -12,8 +12,8 @@ It runs ``txt2img.training.folder_recipe.train_folder``, the code behind ``pytho
 (docs/training.md, "Your own images"): a VAE on the images, a text encoder against the VAE's latents, then
 the GAN generator in that latent space, saved as an ordinary pipeline folder. Here on the recipe's tiny
 networks and few steps, to finish in about a minute on an idle 2-core CPU: expect blurry colour fields. The
-command's defaults (3,000 VAE, 600 text-encoder and 3,500 GAN steps on larger networks, as for the embedded
-model) take about an hour.
+command's defaults are the embedded model's recipe: 3,000 VAE steps and 2,000 of its decoder alone, 600
+text-encoder and 3,500 GAN steps, on larger networks; for that model they took 65 minutes on a 2-core CPU.
 
 Writes OUT/model (``Txt2ImgPipeline.from_pretrained("OUT/model")`` loads it) and OUT/samples.png, beside the
 run's own OUT/samples/final.png, OUT/vae_encoder, recipe.json and timings.json.
