@@ -169,3 +169,19 @@ def test_an_unreadable_image_stops_the_run_before_anything_is_written(tmp_path: 
     assert command.main(["folder", "--data", str(tmp_path / "data"), "--out", str(out), "--tiny"]) == 1
     assert f"Cannot read the image {tmp_path / 'data' / '01.png'}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_folder_command_reports_a_diverged_run_with_what_to_do(monkeypatch, capsys, tmp_path: Path) -> None:
+    from txt2img.training import folder_recipe
+    from txt2img.training.gan_training import TrainingDiverged
+
+    def diverge(*args, **kwargs):
+        raise TrainingDiverged("GAN training diverged at step 7: d = 1e+05")
+
+    monkeypatch.setattr(folder_recipe, "train_folder", diverge)
+    argv = ["folder", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--quiet"]
+    assert command.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: GAN training diverged at step 7" in err
+    assert "a folder run writes no checkpoint; start again with another --seed" in err
+    assert "--resume" not in err  # the shapes command's advice; folder runs have no --resume
