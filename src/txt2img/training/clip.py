@@ -8,6 +8,7 @@ similarity it can use as an extra loss (GigaGAN's CLIP loss, in latent space).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -37,10 +38,16 @@ def _word_splitting() -> tuple[Any, Any]:
     return normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]), pre_tokenizers.Whitespace()
 
 
+@functools.cache
+def _word_splitter() -> tuple[Any, Any]:
+    """One ``_word_splitting`` pair for ``split_words``, which runs once per caption of a data set."""
+    return _word_splitting()
+
+
 def split_words(text: str) -> list[str]:
     """The words of ``text`` as the word-level tokenizer splits them, one token each:
     ``"A red circle."`` → ``["a", "red", "circle", "."]``."""
-    normalizer, pre_tokenizer = _word_splitting()
+    normalizer, pre_tokenizer = _word_splitter()
     return [word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
 
 
