@@ -16,7 +16,7 @@ command's defaults are the embedded model's recipe: 3,000 VAE steps and 2,000 of
 text-encoder and 3,500 GAN steps, on larger networks; for that model they took 65 minutes on a 2-core CPU.
 
 Writes OUT/model (``Txt2ImgPipeline.from_pretrained("OUT/model")`` loads it) and OUT/samples.png, beside the
-run's own OUT/samples/final.png, OUT/vae_encoder, recipe.json and timings.json.
+run's own OUT/samples/final.png, OUT/vae_encoder, OUT/vae, OUT/checkpoint, recipe.json and timings.json.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from txt2img import Txt2ImgPipeline, VAEDecoder
 from txt2img.training import __main__ as command
 from txt2img.training import shapes
+from txt2img.training.checkpoint import read_extra
 from txt2img.training.clip import build_word_tokenizer, split_words
 from txt2img.training.folder_recipe import FolderRecipe, caption_words, fit_captions, other_captions
 from txt2img.training.recipe import ShapesRecipe
@@ -97,8 +99,8 @@ def test_folder_recipe_is_the_shapes_recipe_but_where_it_relies_on_its_data() ->
     assert folder.vae_training.decoder_object_weight == 0
     assert folder.gan_training.lr_d == shapes_recipe.gan_training.lr_d / 2
     assert folder.gan_training.hard_negative_fraction == 1.0  # every mismatched caption another image's
-    assert folder.gan_training.checkpoint_every == 0
     unchanged = (
+        "checkpoint_every",
         "steps",
         "batch_size",
         "lr_g",
@@ -183,5 +185,45 @@ def test_folder_command_reports_a_diverged_run_with_what_to_do(monkeypatch, caps
     assert command.main(argv) == 1
     err = capsys.readouterr().err
     assert "error: GAN training diverged at step 7" in err
-    assert "a folder run writes no checkpoint; start again with another --seed" in err
-    assert "--resume" not in err  # the shapes command's advice; folder runs have no --resume
+    assert "--resume continues a run only with the settings it started with" in err
+
+
+def test_folder_command_trains_a_finished_run_on_from_its_checkpoint(
+    folder_run, tmp_path: Path, capsys
+) -> None:
+    first, captions = folder_run
+    out = tmp_path / "run"
+    shutil.copytree(first, out)  # a finished run: its checkpoint is at the tiny recipe's step 20
+    assert read_extra(out / "checkpoint")["step"] == 20
+    argv = ["folder", "--data", str(first.parent / "data"), "--out", str(out), "--size", str(SIZE), "--tiny"]
+    assert command.main([*argv, "--resume", "--gan-steps", "30", "--quiet"]) == 0
+    assert read_extra(out / "checkpoint")["step"] == 30
+    # The VAE was reloaded, and the text encoder retrained to the same weights: only the GAN trained on.
+    before, after = (
+        Txt2ImgPipeline.from_pretrained(first / "model"),
+        Txt2ImgPipeline.from_pretrained(out / "model"),
+    )
+    for name in ("vae", "text_encoder"):
+        old, new = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert all(torch.equal(old[k], new[k]) for k in old), name
+    old_gan, new_gan = before.gan.state_dict(), after.gan.state_dict()
+    assert not all(torch.equal(old_gan[k], new_gan[k]) for k in old_gan)
+    card = (out / "model" / "README.md").read_text()
+    assert "--gan-steps 30" in card and "the last resumed at GAN step 20" in card
+    after(captions[0], generator=torch.Generator().manual_seed(0))  # still a working pipeline
+
+
+def test_folder_resume_refuses_another_folder_or_size_before_training(
+    folder_run, tmp_path: Path, capsys
+) -> None:
+    first, _ = folder_run
+    out = tmp_path / "run"
+    shutil.copytree(first, out)
+    checkpoint = (out / "checkpoint" / "tensors.safetensors").read_bytes()
+    write_folder(tmp_path / "other")  # the same images and captions, in another folder
+    argv = ["folder", "--out", str(out), "--tiny", "--quiet", "--resume", "--gan-steps", "30"]
+    assert command.main([*argv, "--data", str(tmp_path / "other"), "--size", str(SIZE)]) == 1
+    assert "recipe.json was written with other settings (data)" in capsys.readouterr().err
+    assert command.main([*argv, "--data", str(first.parent / "data"), "--size", str(2 * SIZE)]) == 1
+    assert "recipe.json was written with other settings (size, vae" in capsys.readouterr().err
+    assert (out / "checkpoint" / "tensors.safetensors").read_bytes() == checkpoint  # nothing trained

@@ -44,7 +44,8 @@ from txt2img.training.gan_training import (
     r1_penalty,
     train_gan,
 )
-from txt2img.training.recipe import ShapesRecipe, changed_settings, image_batches, run, vocabulary
+from txt2img.training.recipe import ShapesRecipe, image_batches, run, vocabulary
+from txt2img.training.stages import changed_settings
 from txt2img.training.vae_training import (
     VAETrainingConfig,
     decoder_loss,

@@ -1,6 +1,7 @@
 """``python -m txt2img.training shapes --out DIR``: reproduce the embedded default model from scratch.
 
-``python -m txt2img.training folder --data DIR --out OUT``: train a model on a folder of captioned images.
+``python -m txt2img.training folder --data DIR --out OUT [--resume]``: train a model on a folder of captioned
+images.
 
 Also under ``torchrun --nproc_per_node N -m txt2img.training shapes --out DIR``: data parallel on N processes
 (see docs/distributed.md).
@@ -48,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         "--size", type=int, default=64, help="image side in px, a multiple of 16 (default 64)"
     )
     folder.add_argument("--seed", type=int, default=0)
+    folder.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     folder.add_argument(
-        "--gan-steps", type=int, default=None, help="steps of the GAN stage (default: the recipe's, 3,500)"
+        "--gan-steps",
+        type=int,
+        default=None,
+        help="steps of the GAN stage (default: the recipe's, 3,500); with --resume, trains a finished run on",
     )
     folder.add_argument("--tiny", action="store_true", help="a few steps on small networks (a smoke test)")
     folder.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -86,22 +91,17 @@ def main(argv: list[str] | None = None) -> int:
                 recipe.gan_training = dataclasses.replace(recipe.gan_training, steps=args.gan_steps)
             with allocator.reuse_freed_memory():  # every step frees and allocates the same buffers: about 10%
                 if isinstance(recipe, FolderRecipe):
-                    model = train_folder(recipe, args.data, args.out, progress=progress)
+                    model = train_folder(recipe, args.data, args.out, progress=progress, resume=args.resume)
                 else:
                     model = run(recipe, args.out, progress=progress, resume=args.resume)
         except (TrainingDiverged, ValueError, OSError) as error:
             print(f"python -m txt2img.training: error: {error}", file=sys.stderr)
             # The message's advice is train_gan's; this command resumes only with the settings a run began with.
-            if isinstance(error, TrainingDiverged) and args.command == "folder":
-                print(
-                    "python -m txt2img.training: a folder run writes no checkpoint; start again with another "
-                    "--seed, or from Python with train_folder and a lower gan_training.lr_d.",
-                    file=sys.stderr,
-                )
-            if isinstance(error, TrainingDiverged) and args.command == "shapes":
+            if isinstance(error, TrainingDiverged):
                 print(
                     "python -m txt2img.training: --resume continues a run only with the settings it started "
-                    "with; for another seed or other settings, start again with another --out folder.",
+                    "with; for another seed or other settings, start again with another --out folder (other "
+                    "settings than the command's: from Python, with train_folder or recipe.run).",
                     file=sys.stderr,
                 )
             return 1

@@ -1,9 +1,9 @@
 """Training a model on your own captioned images: the Shapes-64 recipe's stages on a folder.
 
-    python -m txt2img.training folder --data DIR --out OUT [--size 64] [--seed 0]
+    python -m txt2img.training folder --data DIR --out OUT [--size 64] [--seed 0] [--resume]
 
 The folder is read by :class:`~txt2img.training.folder_data.ImageFolderDataset` (``metadata.jsonl``, or a
-``.txt`` caption beside each image). Stages, as in ``recipe.run``:
+``.txt`` caption beside each image). Stages, the recipe's (``stages.train_stages``):
 
 1. VAE: ``size`` × ``size`` images ↔ (``size``/2)² × 8 latents, trained on random batches of the folder's
    images; its ``shift_factor``/``scaling_factor`` fitted.
@@ -11,9 +11,10 @@ The folder is read by :class:`~txt2img.training.folder_data.ImageFolderDataset` 
 3. Text encoder: a word-level CLIP text model over the captions' words, trained against a latent-image
    encoder on the pool, with the bag-of-words loss; then frozen.
 4. GAN: the native generator trained on the pool; each mismatched caption the discriminator must reject is
-   drawn from the folder's captions other than the image's own.
-5. Save: text encoder + EMA generator + VAE decoder as a pipeline folder (``OUT/model``), the VAE encoder
-   beside it (``OUT/vae_encoder``), sample grids of the first captions in ``OUT/samples``.
+   drawn from the folder's captions other than the image's own. A checkpoint every 500 steps in
+   ``OUT/checkpoint``, which ``--resume`` continues from.
+5. Save: text encoder + EMA generator + VAE decoder as a pipeline folder (``OUT/model``), the VAE beside it
+   (``OUT/vae_encoder``, ``OUT/vae``), sample grids of the first captions in ``OUT/samples``.
 
 Nothing evaluates prompt fidelity here: the attribute reader knows Shapes-64 only. Look at the sample grids.
 """
@@ -21,9 +22,7 @@ Nothing evaluates prompt fidelity here: the attribute reader knows Shapes-64 onl
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,21 +31,14 @@ import numpy as np
 import torch
 
 from txt2img import distributed
-from txt2img.gan import GANConfig, GANGenerator
-from txt2img.pipeline import Txt2ImgPipeline
-from txt2img.training.clip import (
-    CLIPTrainingConfig,
-    LatentCLIP,
-    TextEncoderShape,
-    build_text_encoder,
-    split_words,
-    train_latent_clip,
-)
+from txt2img.gan import GANConfig
+from txt2img.training.clip import CLIPTrainingConfig, TextEncoderShape, split_words
 from txt2img.training.folder_data import ImageFolderDataset
-from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
-from txt2img.training.recipe import ShapesRecipe, encode_latents, write_sample_grid
-from txt2img.training.vae_training import VAETrainingConfig, train_vae
-from txt2img.vae import VAEConfig
+from txt2img.training.gan_training import GANTrainingConfig
+from txt2img.training.recipe import ShapesRecipe
+from txt2img.training.stages import RunData, encode_latents, save_model, train_stages, training_history
+from txt2img.training.vae_training import VAETrainingConfig
+from txt2img.vae import VAEConfig, VAEEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +48,10 @@ MAX_TOKENS = 77  # the longest prompt the text encoder reads, BOS and EOS includ
 # the extra weight on object pixels needs a plain background; the shape-swapped mismatched captions need
 # Shapes-64 captions (here every mismatched caption is another of the folder's captions, never the image's
 # own); with the recipe's discriminator rate a seed-1 run diverged on one machine and every run tried on
-# another, where half of it went through for two seeds (docs/training.md, "A steadier discriminator"); a
-# checkpoint has no use without a resume.
+# another, where half of it went through for two seeds (docs/training.md, "A steadier discriminator").
 FOR_FOLDERS: dict[str, dict[str, Any]] = {
     "vae_training": {"object_weight": 0.0, "decoder_object_weight": 0.0},
-    "gan_training": {"hard_negative_fraction": 1.0, "lr_d": 5e-4, "checkpoint_every": 0},
+    "gan_training": {"hard_negative_fraction": 1.0, "lr_d": 5e-4},
 }
 SHARED = (
     "vae_batch_size",
@@ -84,7 +75,7 @@ def adapted(shapes: ShapesRecipe, name: str) -> Any:
 class FolderRecipe:
     """Every setting of a run on a folder: the Shapes-64 recipe's, changed only where it relies on its data
     (``FOR_FOLDERS``: no extra weight on object pixels, mismatched captions drawn from the folder's other
-    captions, half the discriminator's learning rate, no checkpoints).
+    captions, half the discriminator's learning rate).
 
     Args:
         seed: Seeds every stage.
@@ -146,6 +137,10 @@ class FolderRecipe:
         smoke runs (seconds)."""
         shapes = ShapesRecipe.tiny(seed)
         return cls(seed, size, **{name: adapted(shapes, name) for name in SHARED})
+
+    def generator_config(self) -> GANConfig:
+        """``gan``, already sized for the VAE's latents and the text encoder (``__post_init__``)."""
+        return self.gan
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,13 +207,18 @@ def random_batches(images: torch.Tensor, rng: np.random.Generator, batch_size: i
         yield images[torch.from_numpy(rng.integers(len(images), size=batch_size))]
 
 
-def pool_batches(
-    latents: torch.Tensor, captions: list[str], rng: np.random.Generator, batch_size: int
-) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Random (scaled latents (B, C, S, S), captions) batches of the pool, drawn with replacement."""
-    while True:
-        index = rng.integers(len(captions), size=batch_size)
-        yield latents[torch.from_numpy(index)], [captions[i] for i in index]
+@dataclasses.dataclass
+class CaptionedPool:
+    """A folder's images encoded once: ``latents`` (N, C, S, S) scaled, and their N ``captions``."""
+
+    latents: torch.Tensor
+    captions: list[str]
+
+    def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """Random (latents, captions) batches, drawn with replacement."""
+        while True:
+            index = rng.integers(len(self.captions), size=batch_size)
+            yield self.latents[torch.from_numpy(index)], [self.captions[i] for i in index]
 
 
 def other_captions(captions: list[str], rng: np.random.Generator) -> Callable[[list[str]], list[str]]:
@@ -234,109 +234,75 @@ def other_captions(captions: list[str], rng: np.random.Generator) -> Callable[[l
     return negatives
 
 
+def folder_data(recipe: FolderRecipe, data: str | Path, images: torch.Tensor, captions: list[str]) -> RunData:
+    """A folder as the stages' data: random batches of its images for the VAE, every image encoded once with
+    its caption for the pool, the folder's other captions as the mismatched ones, its first distinct captions
+    (8 at most) as the sample grids' rows. ``recipe.json`` records the folder (resolved): a resume on another
+    folder is refused."""
+
+    def encode_pool(encoder: VAEEncoder) -> CaptionedPool:
+        latents = torch.cat([encode_latents(encoder, batch) for batch in images.split(256)])
+        return CaptionedPool(latents.contiguous(), captions)
+
+    longest = max(len(split_words(caption)) for caption in captions)
+    return RunData(
+        image_batches=lambda rng, batch_size: random_batches(images, rng, batch_size),
+        encode_pool=encode_pool,
+        vocabulary=caption_words(captions),
+        text=dataclasses.replace(recipe.text, max_length=max(recipe.text.max_length, longest + 2)),
+        negative_captions=lambda rng: other_captions(captions, rng),
+        sample_prompts=list(dict.fromkeys(captions))[:8],
+        settings={"data": str(Path(data).resolve())},
+        vae_settings=("data", "seed", "size", "vae", "vae_batch_size", "vae_training"),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The run
 
 
-def train_folder(recipe: FolderRecipe, data: str | Path, out: str | Path, *, progress: bool = True) -> Path:
-    """Train every stage on a folder of captioned images and save the pipeline.
+def train_folder(
+    recipe: FolderRecipe, data: str | Path, out: str | Path, *, progress: bool = True, resume: bool = False
+) -> Path:
+    """Train every stage on a folder of captioned images (``stages.train_stages``) and save the pipeline.
 
     Args:
         recipe: The settings.
         data: The folder (``metadata.jsonl`` with ``file_name`` and ``text``, or ``.txt`` captions beside
             the images).
-        out: Output folder (created): ``model/``, ``vae_encoder/``, ``samples/``, ``recipe.json``,
-            ``timings.json``.
+        out: Output folder (created): ``model/``, ``vae_encoder/``, ``vae/``, ``checkpoint/``, ``samples/``,
+            ``recipe.json``, ``timings.json``.
         progress: Show tqdm bars.
+        resume: Continue the GAN stage from ``out/checkpoint`` (the VAE is reloaded from ``out``, the text
+            encoder retrained to the same weights); with a larger ``recipe.gan_training.steps``, train a
+            finished run on.
 
     Returns:
         The saved pipeline folder, ``out/model``.
 
     Raises:
         OSError: ``data`` is not a folder, or an image cannot be read.
-        ValueError: as ``read_folder``; before anything is written.
+        ValueError: as ``read_folder``; resuming from a checkpoint past ``recipe.gan_training.steps``, or with
+            other settings or another folder than the run began with. All before anything is written.
         TrainingDiverged: the GAN stage diverged past its rollbacks (``train_gan``).
     """
     images, captions = read_folder(data, recipe.size)  # every image read, every caption checked, first
     captions = fit_captions(captions, MAX_TOKENS - 2)  # BOS and EOS take two tokens
+    trained = train_stages(
+        recipe, folder_data(recipe, data, images, captions), out, progress=progress, resume=resume
+    )
     out = Path(out)
-    main = distributed.is_main_process()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps({"data": str(data), **recipe.to_dict()}, indent=2))
-    timings: dict[str, float] = {}
-
-    # 1. VAE
-    start = time.perf_counter()
-    rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 1]))
-    batches = random_batches(images, rng, recipe.vae_batch_size)
-    encoder, decoder = train_vae(
-        recipe.vae, recipe.vae_training, batches, seed=recipe.seed, progress=progress
-    )
-    if main:
-        encoder.save_pretrained(out / "vae_encoder")
-    timings["vae"] = time.perf_counter() - start
-
-    # 2. Latent pool
-    start = time.perf_counter()
-    latents = torch.cat([encode_latents(encoder, batch) for batch in images.split(256)]).contiguous()
-    timings["pool"] = time.perf_counter() - start
-
-    # 3. Text encoder
-    start = time.perf_counter()
-    longest = max(len(split_words(caption)) for caption in captions)
-    text = dataclasses.replace(recipe.text, max_length=max(recipe.text.max_length, longest + 2))
-    text_encoder = build_text_encoder(caption_words(captions), text, seed=recipe.seed)
-    clip = LatentCLIP(text_encoder, recipe.vae.latent_channels, latents.shape[-1])
-    rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 3]))
-    pairs = pool_batches(latents, captions, rng, recipe.clip_batch_size)
-    clip = train_latent_clip(clip, recipe.clip_training, pairs, seed=recipe.seed, progress=progress)
-    timings["text_encoder"] = time.perf_counter() - start
-
-    # 4. GAN
-    start = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    state = make_state(
-        GANGenerator(recipe.gan),
-        recipe.gan_training,
-        size=latents.shape[-1],
-        image_size=recipe.size,
-        image_channels=decoder.config.out_channels,
-    )
-    prompts = list(dict.fromkeys(captions))[:8]  # the first distinct captions, 4 seeds each
-    sample_noise = torch.randn(
-        len(prompts) * 4, recipe.gan.z_dim, generator=torch.Generator().manual_seed(recipe.seed)
-    )
-
-    def write_samples(generator: GANGenerator, path: Path) -> None:
-        write_sample_grid(generator, text_encoder, decoder, prompts, sample_noise, path)
-
-    rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 4]))
-    state = train_gan(
-        state,
-        recipe.gan_training,
-        pool_batches(latents, captions, rng, recipe.gan_training.batch_size),
-        clip,
-        seed=recipe.seed,
-        out_dir=out,
-        sample_fn=write_samples,
-        negative_captions=other_captions(
-            captions, np.random.default_rng(distributed.rank_entropy([recipe.seed, 6]))
-        ),
-        decode=decoder.eval().requires_grad_(False).decode,
-        progress=progress,
-    )
-    timings["gan"] = state.seconds
-
-    # 5. Save
-    if not main:
+    if not distributed.is_main_process():  # rank 0 alone writes under torchrun
         return out / "model"
-    write_samples(state.generator_ema, out / "samples" / "final.png")
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
-    pipe = Txt2ImgPipeline(text_encoder.eval(), state.generator_ema.eval(), decoder.eval())
-    card = model_card(recipe, data, captions, timings)
-    pipe.save_pretrained(out / "model", model_card=card, overwrite_model_card=True)
-    return out / "model"
+    card = model_card(
+        recipe,
+        data,
+        captions,
+        trained.timings,
+        resumed_at=trained.resumed_at,
+        rollbacks=trained.state.rollbacks,
+    )
+    return save_model(trained, out, card)
 
 
 def training_command(recipe: FolderRecipe, data: str | Path) -> str:
@@ -360,7 +326,13 @@ def training_command(recipe: FolderRecipe, data: str | Path) -> str:
 
 
 def model_card(
-    recipe: FolderRecipe, data: str | Path, captions: list[str], timings: dict[str, float]
+    recipe: FolderRecipe,
+    data: str | Path,
+    captions: list[str],
+    timings: dict[str, float],
+    *,
+    resumed_at: int | None = None,
+    rollbacks: int = 0,
 ) -> dict[str, Any]:
     """The model card of a folder run.
 
@@ -368,7 +340,9 @@ def model_card(
         recipe: The run's settings.
         data: The folder it trained on.
         captions: The folder's captions, one per image.
-        timings: Seconds per stage.
+        timings: Seconds per stage, the GAN's over every run that trained it.
+        resumed_at: The GAN step the last run resumed from (``--resume``), if it did.
+        rollbacks: The times the GAN stage went back after a divergence.
 
     Returns:
         The card's fields (``ModelCard``).
@@ -388,5 +362,6 @@ def model_card(
             f"a word-level CLIP text encoder ({recipe.clip_training.steps} steps), then the GAN "
             f"({recipe.gan_training.steps} steps of {recipe.gan_training.batch_size}); the EMA generator is the "
             f"one saved. {sum(timings.values()):.0f} s on the CPU of the training machine ({stages})."
+            + training_history(resumed_at, rollbacks, recipe.gan_training.rollback_every)
         ),
     }

@@ -3,14 +3,15 @@ and a GAN, each trained on the CPU in turn, then saved as an ordinary ``Txt2ImgP
 
     python -m txt2img.training shapes --out DIR [--seed 0]
 
-Stages and what each one hands on:
+Stages and what each one hands on (``stages.train_stages``, the sequence a folder run trains by too):
 1. VAE: 64 × 64 images ↔ 32 × 32 × 8 latents; fitted ``shift_factor``/``scaling_factor``.
 2. Latent pool: ``pool_size`` renderings (held-out pairs excluded) encoded once to scaled latents.
 3. Text encoder: a word-level CLIP text model trained against a latent-image encoder on the pool, with a
    bag-of-words loss that keeps each word readable from the pooled vector.
 4. GAN: the native generator trained on the pool with the frozen text encoder (``gan_training``).
-5. Save: text encoder + EMA generator + VAE decoder as a pipeline folder (``DIR/model``), the VAE encoder
-   beside it (``DIR/vae_encoder``), sample grids in ``DIR/samples``.
+5. Evaluate and save: the model's prompt fidelity (``DIR/evaluation.json``, repeated in its model card); text
+   encoder + EMA generator + VAE decoder as a pipeline folder (``DIR/model``), the VAE encoder beside it
+   (``DIR/vae_encoder``), sample grids in ``DIR/samples``.
 
 Under ``torchrun --nproc_per_node N -m txt2img.training shapes --out DIR`` every training stage runs data
 parallel: each process draws its own batches (``distributed.rank_entropy``), gradients are averaged, and
@@ -21,20 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from txt2img import distributed
-from txt2img.gan import GANConfig, GANGenerator
-from txt2img.images import to_numpy, to_uint8, to_unit_range
+from txt2img.gan import GANConfig
 from txt2img.pipeline import Txt2ImgPipeline
-from txt2img.text_encoder import TextEncoder
 from txt2img.training import shapes
 from txt2img.training.baseline import (
     BaselineTrainingConfig,
@@ -42,19 +39,12 @@ from txt2img.training.baseline import (
     baseline_generator,
     train_baseline,
 )
-from txt2img.training.checkpoint import read_extra
-from txt2img.training.clip import (
-    CLIPTrainingConfig,
-    LatentCLIP,
-    TextEncoderShape,
-    build_text_encoder,
-    train_latent_clip,
-)
+from txt2img.training.clip import CLIPTrainingConfig, TextEncoderShape
 from txt2img.training.evaluate import EvalReport, evaluate, pipeline_generator
-from txt2img.training.gan_training import GANTrainingConfig, make_state, train_gan
-from txt2img.training.vae_training import VAETrainingConfig, train_vae
-from txt2img.utils import make_image_grid
-from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder, scale_latents
+from txt2img.training.gan_training import GANTrainingConfig
+from txt2img.training.stages import RunData, encode_latents, save_model, train_stages, training_history
+from txt2img.training.vae_training import VAETrainingConfig
+from txt2img.vae import VAEConfig, VAEEncoder
 
 SAMPLE_PROMPTS = (
     "a large red circle in the top left corner on a blue background",
@@ -203,33 +193,6 @@ class LatentPool:
 
 
 @torch.no_grad()
-def write_sample_grid(
-    generator: GANGenerator,
-    text_encoder: TextEncoder,
-    decoder: VAEDecoder,
-    prompts: Sequence[str],
-    noise: torch.Tensor,
-    path: Path,
-) -> None:
-    """Write a PNG grid of the generator's images: a row per prompt, a column per noise vector.
-
-    Args:
-        generator: The generator (the EMA one, in training).
-        text_encoder: Its text encoder.
-        decoder: The VAE decoder of its latents.
-        prompts: P prompts.
-        noise: (P × K, z_dim): K noise vectors per prompt, the prompt's first.
-        path: The PNG to write (its folder is created if need be).
-    """
-    columns = len(noise) // len(prompts)
-    latents = generator.generate(noise, text_encoder.encode([p for p in prompts for _ in range(columns)]))
-    images = to_uint8(to_numpy(to_unit_range(decoder.decode(latents))))
-    grid = make_image_grid([Image.fromarray(image) for image in images], rows=len(prompts), cols=columns)
-    path.parent.mkdir(parents=True, exist_ok=True)  # also when training wrote no grid (sample_every=0)
-    grid.save(path)
-
-
-@torch.no_grad()
 def encode_pool(
     encoder: VAEEncoder, rng: np.random.Generator, size: int, batch_size: int = 256
 ) -> LatentPool:
@@ -240,14 +203,6 @@ def encode_pool(
         latents.append(encode_latents(encoder, images))
         specs.extend(batch_specs)
     return LatentPool(torch.cat(latents).contiguous(), specs)
-
-
-@torch.no_grad()
-def encode_latents(encoder: VAEEncoder, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] → the scaled latents the later stages train on: the posterior means,
-    shifted and scaled by the encoder's fitted factors (B, C, H/f, W/f)."""
-    mean, _ = encoder.encode(images.contiguous(memory_format=torch.channels_last))
-    return scale_latents(mean, encoder.config.scaling_factor, encoder.config.shift_factor)
 
 
 def model_card(
@@ -272,14 +227,7 @@ def model_card(
     command = f"python -m txt2img.training shapes --out DIR --seed {recipe.seed}"
     if steps != ShapesRecipe().gan_training.steps:
         command += f" --gan-steps {steps}"
-    history = (  # how the GAN stage went: resumed, rolled back
-        f" Trained in more than one run: the last resumed at GAN step {resumed_at}." if resumed_at else ""
-    )
-    if rollbacks:
-        history += (
-            f" The GAN stage diverged and went back {rollbacks} time{'s' if rollbacks > 1 else ''} "
-            f"(rollback_every {recipe.gan_training.rollback_every})."
-        )
+    history = training_history(resumed_at, rollbacks, recipe.gan_training.rollback_every)
     words = ", with a bag-of-words loss on its pooled vector" if recipe.clip_training.word_weight > 0 else ""
     return {
         "license": "apache-2.0",
@@ -308,40 +256,23 @@ def model_card(
     }
 
 
-VAE_SETTINGS = ("seed", "vae", "vae_batch_size", "vae_training")  # what made a saved VAE stage
-
-
-def changed_settings(saved: dict[str, Any], recipe: ShapesRecipe, *, gan_resumed: bool) -> list[str]:
-    """The settings of ``recipe`` that differ from a run's saved ``recipe.json`` and matter to a resume: those
-    of the VAE stage, and with a GAN checkpoint to continue every training setting but the GAN's steps.
-
-    Args:
-        saved: The run's ``recipe.json``.
-        recipe: The settings the run is resumed with.
-        gan_resumed: Whether the GAN continues from a checkpoint (else only the VAE stage is reloaded).
-
-    Returns:
-        The names of the changed settings, in the order of ``recipe.json``.
-    """
-    current = json.loads(json.dumps(recipe.to_dict()))  # tuples as lists, as in the file
-    names = [name for name in current if name != "eval_images"] if gan_resumed else list(VAE_SETTINGS)
-
-    def value(settings: dict[str, Any], name: str) -> Any:
-        found, kind = settings.get(name), type(getattr(recipe, name))
-        if not (isinstance(found, dict) and dataclasses.is_dataclass(kind)):
-            return found
-        # A setting the file lacks, from a version before it existed, counts as its default: what that
-        # version did.
-        defaults = json.loads(json.dumps(dataclasses.asdict(kind())))
-        return {
-            key: v for key, v in {**defaults, **found}.items() if (name, key) != ("gan_training", "steps")
-        }
-
-    return [name for name in names if value(saved, name) != value(current, name)]
+def shapes_data(recipe: ShapesRecipe) -> RunData:
+    """Shapes-64 as the stages' data: fresh renderings for the VAE, a pool of ``recipe.pool_size`` encoded
+    renderings whose captions vary at every draw, and shape-swapped captions as the mismatched ones."""
+    return RunData(
+        image_batches=image_batches,
+        encode_pool=lambda encoder: encode_pool(
+            encoder, np.random.default_rng([recipe.seed, 2]), recipe.pool_size
+        ),
+        vocabulary=vocabulary(),
+        text=recipe.text,
+        negative_captions=lambda rng: lambda captions: [shapes.swap_shape(c, rng) for c in captions],
+        sample_prompts=SAMPLE_PROMPTS,
+    )
 
 
 def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume: bool = False) -> Path:
-    """Train every stage and save the pipeline.
+    """Train every stage on Shapes-64 (``stages.train_stages``), evaluate the model and save the pipeline.
 
     Args:
         recipe: The settings.
@@ -354,132 +285,24 @@ def run(recipe: ShapesRecipe, out: str | Path, *, progress: bool = True, resume:
 
     Raises:
         ValueError: resuming from a checkpoint past ``recipe.gan_training.steps``; resuming a run whose
-            ``recipe.json`` has other settings for the stages it would reload (``changed_settings``).
+            ``recipe.json`` has other settings for the stages it would reload (``stages.changed_settings``).
+        TrainingDiverged: the GAN stage diverged past its rollbacks.
     """
+    trained = train_stages(recipe, shapes_data(recipe), out, progress=progress, resume=resume)
     out = Path(out)
-    resumed_at = None  # the GAN step a resumed run starts from
-    if resume and (out / "checkpoint").is_dir():
-        resumed_at = int(read_extra(out / "checkpoint")["step"])
-        if resumed_at > recipe.gan_training.steps:
-            raise ValueError(
-                f"{out / 'checkpoint'} is at GAN step {resumed_at}, past the {recipe.gan_training.steps} steps "
-                f"asked for: ask for {resumed_at} or more (--gan-steps), or start the run in another folder."
-            )
-    reloaded = resume and (out / "vae_encoder").is_dir()  # the VAE stage is loaded, not trained
-    if reloaded and (out / "recipe.json").is_file():
-        saved = json.loads((out / "recipe.json").read_text())
-        changed = changed_settings(saved, recipe, gan_resumed=resumed_at is not None)
-        if changed:
-            raise ValueError(
-                f"{out / 'recipe.json'} was written with other settings ({', '.join(changed)}) than this run's: "
-                "resuming would pair the stages saved there with ones trained differently. Resume with the "
-                "settings (and txt2img version) that started the run, or start the run in another folder."
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(recipe.seed)
-    timings: dict[str, float] = {}
-    # A resumed run reloads the VAE: its time is the one the first run recorded.
-    earlier = (
-        json.loads((out / "timings.json").read_text()) if resume and (out / "timings.json").is_file() else {}
-    )
-    main = distributed.is_main_process()  # rank 0 alone writes under torchrun
-    if main:
-        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
-
-    # 1. VAE
-    start = time.perf_counter()
-    if reloaded:
-        encoder = VAEEncoder.from_pretrained(out / "vae_encoder")
-        decoder = VAEDecoder.from_pretrained(out / "vae")
-    else:
-        rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 1]))
-        encoder, decoder = train_vae(
-            recipe.vae,
-            recipe.vae_training,
-            image_batches(rng, recipe.vae_batch_size),
-            seed=recipe.seed,
-            progress=progress,
-        )
-        if main:
-            encoder.save_pretrained(out / "vae_encoder")
-            decoder.save_pretrained(out / "vae")
-    timings["vae"] = earlier.get("vae", 0.0) if reloaded else time.perf_counter() - start
-    if main:  # now, so that a run stopped in a later stage and resumed still knows it
-        (out / "timings.json").write_text(json.dumps(timings, indent=2))
-
-    # 2. Latent pool
-    start = time.perf_counter()
-    pool = encode_pool(encoder, np.random.default_rng([recipe.seed, 2]), recipe.pool_size)
-    timings["pool"] = time.perf_counter() - start
-
-    # 3. Text encoder
-    start = time.perf_counter()
-    text_encoder = build_text_encoder(vocabulary(), recipe.text, seed=recipe.seed)
-    clip = LatentCLIP(text_encoder, recipe.vae.latent_channels, pool.latents.shape[-1])
-    rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 3]))
-    clip = train_latent_clip(
-        clip,
-        recipe.clip_training,
-        pool.batches(rng, recipe.clip_batch_size),
-        seed=recipe.seed,
-        progress=progress,
-    )
-    timings["text_encoder"] = time.perf_counter() - start
-
-    # 4. GAN
-    start = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    state = make_state(
-        GANGenerator(recipe.generator_config()),
-        recipe.gan_training,
-        size=pool.latents.shape[-1],
-        image_size=pool.latents.shape[-1] * decoder.scale_factor,
-        image_channels=decoder.config.out_channels,
-    )
-    if resume and (out / "checkpoint").is_dir():
-        state.load(out / "checkpoint")
-    sample_noise = torch.randn(
-        len(SAMPLE_PROMPTS) * 4,
-        state.generator.config.z_dim,
-        generator=torch.Generator().manual_seed(recipe.seed),
-    )
-
-    def write_samples(generator: GANGenerator, path: Path) -> None:
-        write_sample_grid(generator, text_encoder, decoder, SAMPLE_PROMPTS, sample_noise, path)
-
-    rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 4]))
-    batches = pool.batches(rng, recipe.gan_training.batch_size)
-    negative_rng = np.random.default_rng(distributed.rank_entropy([recipe.seed, 6]))
-    state = train_gan(
-        state,
-        recipe.gan_training,
-        batches,
-        clip,
-        seed=recipe.seed,
-        out_dir=out,
-        sample_fn=write_samples,
-        negative_captions=lambda captions: [shapes.swap_shape(c, negative_rng) for c in captions],
-        decode=decoder.eval().requires_grad_(False).decode,
-        progress=progress,
-    )
-    timings["gan"] = state.seconds  # over every run that trained this GAN, resumed ones included
-
-    # 5. Save, with a model card that says how the model was made and how well it follows prompts
-    if not main:
+    if not distributed.is_main_process():  # rank 0 alone evaluates and writes under torchrun
         return out / "model"
-    pipe = Txt2ImgPipeline(text_encoder.eval(), state.generator_ema.eval(), decoder.eval())
-    write_samples(state.generator_ema, out / "samples" / "final.png")
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+
+    # 5. Evaluate, then save with a model card that says how the model was made and how well it follows prompts
+    pipe = trained.pipeline()
     pipe.set_progress_bar_config(disable=True)
     report = evaluate(pipeline_generator(pipe), num_images=recipe.eval_images, seed=recipe.seed)
     (out / "evaluation.json").write_text(json.dumps(report.to_dict(), indent=2))
     pipe.set_progress_bar_config(disable=False)
-    pipe.save_pretrained(
-        out / "model",
-        model_card=model_card(recipe, timings, report, resumed_at=resumed_at, rollbacks=state.rollbacks),
-        overwrite_model_card=True,
+    card = model_card(
+        recipe, trained.timings, report, resumed_at=trained.resumed_at, rollbacks=trained.state.rollbacks
     )
-    return out / "model"
+    return save_model(trained, out, card)
 
 
 def compare_with_baseline(
