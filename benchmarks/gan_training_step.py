@@ -8,7 +8,7 @@ discriminator layer spectrally normalised, one power iteration a pass) and the g
 recipe's ``GANConfig.channels``, or with the last, full-resolution stage twice as wide), trained on the
 recipe's networks and batch size with random latents in place of the latent pool, at a hundredth of the
 recipe's learning rates (on random latents its own rates can diverge within 50 steps; the arithmetic of a step
-is the same at any rate).
+is the same at any rate). ``--batch-size`` times every row at another batch size.
 Each setting gets its own networks and a warm-up; then the settings take turns, ``--steps`` steps each,
 ``--rounds`` times, and the table gives each one's median. The numbers in docs/training.md come from:
 
@@ -68,6 +68,9 @@ def main() -> None:
         "--steps", type=int, default=16, help="steps per turn (a multiple of 16 keeps R1 fair)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="turns of each setting")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="images per step (default: the recipe's, 64)"
+    )
     parser.add_argument("--tiny", action="store_true", help="the tiny recipe's networks (a smoke test)")
     args = parser.parse_args()
 
@@ -76,6 +79,8 @@ def main() -> None:
     clip = LatentCLIP(build_text_encoder(vocabulary(), recipe.text), recipe.vae.latent_channels, side)
     clip.eval().requires_grad_(False)
     gan = recipe.generator_config()
+    if args.batch_size is not None:
+        recipe.gan_training = dataclasses.replace(recipe.gan_training, batch_size=args.batch_size)
     batch = recipe.gan_training.batch_size
     captions = [shapes.sample_batch(np.random.default_rng(i), batch)[1] for i in range(4)]
 
