@@ -15,21 +15,26 @@ import sys
 import time
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m txt2img.training", description="Train txt2img models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    shapes = commands.add_parser("shapes", help="train the Shapes-64 model that txt2img embeds")
-    shapes.add_argument("--out", required=True, help="output folder; the pipeline goes to OUT/model")
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
-    shapes.add_argument(
+def add_run_options(command: argparse.ArgumentParser) -> None:
+    """The options of a training run, the same for ``shapes`` and ``folder``."""
+    command.add_argument("--out", required=True, help="output folder; the pipeline goes to OUT/model")
+    command.add_argument("--seed", type=int, default=0, help="seeds every stage (default 0)")
+    command.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    command.add_argument(
         "--gan-steps",
         type=int,
         default=None,
         help="steps of the GAN stage (default: the recipe's, 3,500); with --resume, trains a finished run on",
     )
-    shapes.add_argument("--tiny", action="store_true", help="a few steps on small networks (a smoke test)")
-    shapes.add_argument("--quiet", action="store_true", help="no progress bars")
+    command.add_argument("--tiny", action="store_true", help="a few steps on small networks (a smoke test)")
+    command.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m txt2img.training", description="Train txt2img models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    shapes = commands.add_parser("shapes", help="train the Shapes-64 model that txt2img embeds")
+    add_run_options(shapes)
     baseline = commands.add_parser(
         "baseline",
         help="train the text-conditional VAE path on a finished run's data and compare it with the run's GAN",
@@ -44,20 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         help="train a model on your own captioned images (metadata.jsonl, or .txt captions beside them)",
     )
     folder.add_argument("--data", required=True, help="the folder of images and captions")
-    folder.add_argument("--out", required=True, help="output folder; the pipeline goes to OUT/model")
     folder.add_argument(
         "--size", type=int, default=64, help="image side in px, a multiple of 16 (default 64)"
     )
-    folder.add_argument("--seed", type=int, default=0)
-    folder.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
-    folder.add_argument(
-        "--gan-steps",
-        type=int,
-        default=None,
-        help="steps of the GAN stage (default: the recipe's, 3,500); with --resume, trains a finished run on",
-    )
-    folder.add_argument("--tiny", action="store_true", help="a few steps on small networks (a smoke test)")
-    folder.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_options(folder)
     args = parser.parse_args(argv)
     if getattr(args, "gan_steps", None) is not None and args.gan_steps < 1:
         parser.error(f"--gan-steps must be 1 or more, got {args.gan_steps}")
