@@ -102,7 +102,9 @@ def test_recipe_model_card_says_how_often_the_gan_went_back() -> None:
     timings = {"vae": 1.0, "gan": 2.0}
     assert "went back" not in model_card(ShapesRecipe(), timings, report)["training"]
     training = model_card(ShapesRecipe(), timings, report, rollbacks=2)["training"]
-    assert "diverged and went back 2 times (rollback_every 100)" in training
+    # The recipe halves the discriminator's rate at each rollback: 1e-3 → 2.5e-4 after two.
+    assert "diverged and went back 2 times (rollback_every 100), and trained on with the" in training
+    assert "discriminator's learning rate at 0.00025." in training
 
 
 def test_recipe_is_deterministic_for_a_seed(tiny_run: Path, tmp_path: Path) -> None:
@@ -578,6 +580,45 @@ def test_gan_rollback_goes_back_and_trains_on_with_other_noise(monkeypatch, capl
     assert state.step == 8 and state.rollbacks == 1
     assert len(calls) == 6 + 6  # steps 1 to 6 (the 6th diverged), then steps 3 to 8 again
     assert all(torch.isfinite(p).all() for p in state.generator.parameters())
+
+
+def test_gan_rollback_lowers_the_discriminators_learning_rate_when_asked(monkeypatch, caplog) -> None:
+    clip, gan_config = small_gan()
+    rates = {}
+    for scale in (1.0, 0.5):
+        monkeypatch.undo()
+        spiking_generator_loss(monkeypatch, lambda call: call == 4)  # the step-4 update, once
+        training = GANTrainingConfig(
+            steps=6,
+            batch_size=4,
+            lr_d=1e-3,
+            lr_g=2e-3,
+            checkpoint_every=0,
+            sample_every=0,
+            rollback_every=2,
+            rollback_lr_d_scale=scale,
+        )
+        torch.manual_seed(0)
+        state = make_state(GANGenerator(gan_config), training, size=16)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="txt2img"):
+            train_gan(state, training, small_batches(), clip, progress=False)
+        assert state.rollbacks == 1 and "Went back to step 0" in caplog.text
+        rates[scale] = (state.opt_d.param_groups[0]["lr"], state.opt_g.param_groups[0]["lr"], caplog.text)
+    assert rates[1.0][:2] == (1e-3, 2e-3) and "learning rate at 0.001 " in rates[1.0][2]
+    # Half the discriminator's rate after the rollback; the generator's unchanged.
+    assert rates[0.5][:2] == (5e-4, 2e-3) and "learning rate at 0.0005 " in rates[0.5][2]
+
+
+def test_gan_resumed_run_keeps_the_discriminators_rate_its_rollbacks_lowered(tmp_path: Path) -> None:
+    clip, gan_config = small_gan()
+    training = GANTrainingConfig(
+        steps=1, batch_size=4, lr_d=1e-3, checkpoint_every=0, sample_every=0, rollback_lr_d_scale=0.5
+    )
+    state = make_state(GANGenerator(gan_config), training, size=16)
+    state.rollbacks = 2  # as a checkpoint of a run that went back twice loads it
+    train_gan(state, training, small_batches(), clip, progress=False)
+    assert state.opt_d.param_groups[0]["lr"] == 1e-3 * 0.25
 
 
 def test_gan_rollback_of_a_resumed_run_goes_back_to_where_it_resumed(monkeypatch, caplog) -> None:

@@ -362,6 +362,6 @@ def model_card(
             f"a word-level CLIP text encoder ({recipe.clip_training.steps} steps), then the GAN "
             f"({recipe.gan_training.steps} steps of {recipe.gan_training.batch_size}); the EMA generator is the "
             f"one saved. {sum(timings.values()):.0f} s on the CPU of the training machine ({stages})."
-            + training_history(resumed_at, rollbacks, recipe.gan_training.rollback_every)
+            + training_history(resumed_at, rollbacks, recipe.gan_training)
         ),
     }

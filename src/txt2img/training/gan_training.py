@@ -19,7 +19,8 @@ The recipe, with where each part comes from:
 - an exponential moving average of the generator's weights: the EMA weights are the ones shipped;
 - rollbacks: an in-memory copy of the state every ``rollback_every`` steps, to go back to, with other noise,
   when a loss diverges: a blow-up set off by an unlucky stretch of noise need not recur from the state before
-  it (settings that blow up every few hundred steps still do: docs/training.md).
+  it; settings that blow up every few hundred steps do, unless the discriminator's learning rate comes down
+  too (``rollback_lr_d_scale``; docs/training.md).
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ class GANTrainingConfig:
         divergence stops the run). A run that never diverges draws and computes exactly what it would
         without copies. The copies hold twice the networks and their Adam moments in memory.
     max_rollbacks: The most times a run (resumed ones included) goes back; the next divergence stops it.
+    rollback_lr_d_scale: After each rollback the discriminator's learning rate is multiplied by this: a run
+        that has gone back ``n`` times trains it at ``lr_d * rollback_lr_d_scale ** n`` (1: the same rate,
+        other noise only). Settings that blow up every few hundred steps on a machine need the lower rate,
+        where other noise alone only delays the next divergence (docs/training.md, "Rollbacks that lower the
+        discriminator's rate").
     """
 
     steps: int = 3000
@@ -133,6 +139,7 @@ class GANTrainingConfig:
     divergence_limit: float = 100_000.0
     rollback_every: int = 100
     max_rollbacks: int = 3
+    rollback_lr_d_scale: float = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,6 +333,12 @@ def learning_rate_scale(step: int, steps: int, decay_steps: int) -> float:
     if decay_steps <= 0:
         return 1.0
     return min(1.0, (steps - step) / decay_steps)
+
+
+def discriminator_learning_rate(training: GANTrainingConfig, rollbacks: int) -> float:
+    """The discriminator's learning rate after ``rollbacks`` rollbacks (before any decay): ``lr_d`` times
+    ``rollback_lr_d_scale`` per rollback."""
+    return training.lr_d * training.rollback_lr_d_scale**rollbacks
 
 
 @torch.no_grad()
@@ -790,7 +803,8 @@ def train_gan(
         """One update of the discriminators, then of the generator; returns the losses (``check_divergence``
         raises before an update whose losses diverge)."""
         scale = learning_rate_scale(step, training.steps, training.lr_decay_steps)
-        for optimizer, lr in ((state.opt_d, training.lr_d), (state.opt_g, training.lr_g)):
+        lr_d = discriminator_learning_rate(training, state.rollbacks)
+        for optimizer, lr in ((state.opt_d, lr_d), (state.opt_g, training.lr_g)):
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale
         real, captions = next(batches)
@@ -866,9 +880,11 @@ def train_gan(
             reseed()
             if distributed.is_main_process():
                 logger.warning(
-                    "%s Went back to step %d, to train on with other noise (rollback %d of at most %d).",
+                    "%s Went back to step %d, to train on with other noise and the discriminator's learning "
+                    "rate at %.3g (rollback %d of at most %d).",
                     error.summary,
                     state.step,
+                    discriminator_learning_rate(training, state.rollbacks),
                     state.rollbacks,
                     training.max_rollbacks,
                 )

@@ -119,6 +119,7 @@ class ShapesRecipe:
             r1_gamma=0.4,
             r1_every=16,
             channels_last=True,
+            rollback_lr_d_scale=0.5,
         )
     )
 
@@ -227,7 +228,7 @@ def model_card(
     command = f"python -m txt2img.training shapes --out DIR --seed {recipe.seed}"
     if steps != ShapesRecipe().gan_training.steps:
         command += f" --gan-steps {steps}"
-    history = training_history(resumed_at, rollbacks, recipe.gan_training.rollback_every)
+    history = training_history(resumed_at, rollbacks, recipe.gan_training)
     words = ", with a bag-of-words loss on its pooled vector" if recipe.clip_training.word_weight > 0 else ""
     return {
         "license": "apache-2.0",

@@ -39,7 +39,13 @@ from txt2img.training.clip import (
     build_text_encoder,
     train_latent_clip,
 )
-from txt2img.training.gan_training import GANTrainingConfig, GANTrainingState, make_state, train_gan
+from txt2img.training.gan_training import (
+    GANTrainingConfig,
+    GANTrainingState,
+    discriminator_learning_rate,
+    make_state,
+    train_gan,
+)
 from txt2img.training.vae_training import VAETrainingConfig, train_vae
 from txt2img.utils import make_image_grid
 from txt2img.vae import VAEConfig, VAEDecoder, VAEEncoder, scale_latents
@@ -360,7 +366,7 @@ def save_model(run: TrainedRun, out: str | Path, model_card: dict[str, Any]) -> 
     return out / "model"
 
 
-def training_history(resumed_at: int | None, rollbacks: int, rollback_every: int) -> str:
+def training_history(resumed_at: int | None, rollbacks: int, training: GANTrainingConfig) -> str:
     """The model card's sentence on how the GAN stage went: resumed, gone back after a divergence ("" if
     neither)."""
     history = (
@@ -369,6 +375,10 @@ def training_history(resumed_at: int | None, rollbacks: int, rollback_every: int
     if rollbacks:
         history += (
             f" The GAN stage diverged and went back {rollbacks} time{'s' if rollbacks > 1 else ''} "
-            f"(rollback_every {rollback_every})."
+            f"(rollback_every {training.rollback_every})"
         )
+        if training.rollback_lr_d_scale != 1:
+            rate = discriminator_learning_rate(training, rollbacks)
+            history += f", and trained on with the discriminator's learning rate at {rate:.3g}"
+        history += "."
     return history
