@@ -51,6 +51,21 @@ def test_txt_captions_beside_images(tmp_path: Path) -> None:
     assert dataset[0][0].shape == (3, 64, 64)
 
 
+def test_digest_follows_the_files_and_captions_not_the_size(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        write_image(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}")
+    digest = ImageFolderDataset(tmp_path, size=64).digest()
+    assert len(digest) == 64 and ImageFolderDataset(tmp_path, size=32).digest() == digest
+    (tmp_path / "b.txt").write_text("another caption")
+    recaptioned = ImageFolderDataset(tmp_path).digest()
+    write_image(tmp_path / "a.png", color=(0, 255, 0))
+    repainted = ImageFolderDataset(tmp_path).digest()
+    write_image(tmp_path / "c.png")
+    (tmp_path / "c.txt").write_text("caption c")
+    assert len({digest, recaptioned, repainted, ImageFolderDataset(tmp_path).digest()}) == 4
+
+
 def test_resize_and_centre_crop(tmp_path: Path) -> None:
     pixels = np.zeros((20, 60, 3), np.uint8)  # wide: black, white, black thirds
     pixels[:, 20:40] = 255

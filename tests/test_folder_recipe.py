@@ -227,3 +227,38 @@ def test_folder_resume_refuses_another_folder_or_size_before_training(
     assert command.main([*argv, "--data", str(first.parent / "data"), "--size", str(2 * SIZE)]) == 1
     assert "recipe.json was written with other settings (size, vae" in capsys.readouterr().err
     assert (out / "checkpoint" / "tensors.safetensors").read_bytes() == checkpoint  # nothing trained
+
+
+def test_folder_resume_refuses_a_folder_whose_images_or_captions_changed(
+    folder_run, tmp_path: Path, capsys
+) -> None:
+    first, _ = folder_run
+    out, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(first, out)
+    shutil.copytree(first.parent / "data", data)
+    settings = json.loads((out / "recipe.json").read_text())
+    (out / "recipe.json").write_text(json.dumps({**settings, "data": str(data.resolve())}))  # began on data
+    # (Unchanged contents pass: test_folder_command_trains_a_finished_run_on_from_its_checkpoint.)
+    argv = [
+        "folder",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--size",
+        str(SIZE),
+        "--tiny",
+        "--quiet",
+        "--resume",
+    ]
+    (data / "03.txt").write_text("A small red circle on a white background.")
+    assert command.main(argv) == 1
+    error = capsys.readouterr().err
+    assert "other settings (data_digest)" in error and "training data is not what the run began" in error
+    (data / "03.txt").write_text((first.parent / "data" / "03.txt").read_text())
+    Image.new("RGB", (64, 64), "white").save(data / "05.png")  # the caption back, an image changed
+    assert command.main(argv) == 1
+    assert "other settings (data_digest)" in capsys.readouterr().err
+    assert (out / "checkpoint" / "tensors.safetensors").read_bytes() == (
+        first / "checkpoint" / "tensors.safetensors"
+    ).read_bytes()  # nothing trained

@@ -237,8 +237,9 @@ def other_captions(captions: list[str], rng: np.random.Generator) -> Callable[[l
 def folder_data(recipe: FolderRecipe, data: str | Path, images: torch.Tensor, captions: list[str]) -> RunData:
     """A folder as the stages' data: random batches of its images for the VAE, every image encoded once with
     its caption for the pool, the folder's other captions as the mismatched ones, its first distinct captions
-    (8 at most) as the sample grids' rows. ``recipe.json`` records the folder (resolved): a resume on another
-    folder is refused."""
+    (8 at most) as the sample grids' rows. ``recipe.json`` records the folder (resolved) and its contents'
+    digest (``ImageFolderDataset.digest``): a resume on another folder, or on one whose images or captions changed, is
+    refused."""
 
     def encode_pool(encoder: VAEEncoder) -> CaptionedPool:
         latents = torch.cat([encode_latents(encoder, batch) for batch in images.split(256)])
@@ -252,8 +253,8 @@ def folder_data(recipe: FolderRecipe, data: str | Path, images: torch.Tensor, ca
         text=dataclasses.replace(recipe.text, max_length=max(recipe.text.max_length, longest + 2)),
         negative_captions=lambda rng: other_captions(captions, rng),
         sample_prompts=list(dict.fromkeys(captions))[:8],
-        settings={"data": str(Path(data).resolve())},
-        vae_settings=("data", "seed", "size", "vae", "vae_batch_size", "vae_training"),
+        settings={"data": str(Path(data).resolve()), "data_digest": ImageFolderDataset(data).digest()},
+        vae_settings=("data", "data_digest", "seed", "size", "vae", "vae_batch_size", "vae_training"),
     )
 
 

@@ -231,10 +231,16 @@ def check_resume(out: Path, recipe: StageSettings, data: RunData, *, resume: boo
             vae_settings=data.vae_settings,
         )
         if changed:
+            data_changed = [name for name in changed if name in data.settings]
             raise ValueError(
                 f"{out / 'recipe.json'} was written with other settings ({', '.join(changed)}) than this run's: "
                 "resuming would pair the stages saved there with ones trained differently. Resume with the "
                 "settings (and txt2img version) that started the run, or start the run in another folder."
+                + (
+                    f" ({', '.join(data_changed)}: the training data is not what the run began with.)"
+                    if data_changed
+                    else ""
+                )
             )
     return resumed_at
 
