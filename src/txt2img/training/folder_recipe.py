@@ -238,8 +238,8 @@ def folder_data(recipe: FolderRecipe, data: str | Path, images: torch.Tensor, ca
     """A folder as the stages' data: random batches of its images for the VAE, every image encoded once with
     its caption for the pool, the folder's other captions as the mismatched ones, its first distinct captions
     (8 at most) as the sample grids' rows. ``recipe.json`` records the folder (resolved) and its contents'
-    digest (``ImageFolderDataset.digest``): a resume on another folder, or on one whose images or captions changed, is
-    refused."""
+    digest (``ImageFolderDataset.digest``): a resume on another folder, or on one whose images or captions
+    have changed, is refused."""
 
     def encode_pool(encoder: VAEEncoder) -> CaptionedPool:
         latents = torch.cat([encode_latents(encoder, batch) for batch in images.split(256)])
