@@ -51,19 +51,28 @@ def test_txt_captions_beside_images(tmp_path: Path) -> None:
     assert dataset[0][0].shape == (3, 64, 64)
 
 
-def test_digest_follows_the_files_and_captions_not_the_size(tmp_path: Path) -> None:
+def test_read_all_gives_every_item_and_a_digest_of_the_files_and_captions_not_the_size(
+    tmp_path: Path,
+) -> None:
     for name in ("a", "b"):
         write_image(tmp_path / f"{name}.png")
         (tmp_path / f"{name}.txt").write_text(f"caption {name}")
-    digest = ImageFolderDataset(tmp_path, size=64).digest()
-    assert len(digest) == 64 and ImageFolderDataset(tmp_path, size=32).digest() == digest
+
+    def digest(size: int = 64) -> str:
+        return ImageFolderDataset(tmp_path, size=size).read_all()[2]
+
+    dataset = ImageFolderDataset(tmp_path, size=16)
+    images, captions, first = dataset.read_all()
+    assert captions == ["caption a", "caption b"] and images.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(images, torch.stack([dataset[0][0], dataset[1][0]]))
+    assert len(first) == 64 and digest(size=32) == first
     (tmp_path / "b.txt").write_text("another caption")
-    recaptioned = ImageFolderDataset(tmp_path).digest()
+    recaptioned = digest()
     write_image(tmp_path / "a.png", color=(0, 255, 0))
-    repainted = ImageFolderDataset(tmp_path).digest()
+    repainted = digest()
     write_image(tmp_path / "c.png")
     (tmp_path / "c.txt").write_text("caption c")
-    assert len({digest, recaptioned, repainted, ImageFolderDataset(tmp_path).digest()}) == 4
+    assert len({first, recaptioned, repainted, digest()}) == 4
 
 
 def test_resize_and_centre_crop(tmp_path: Path) -> None:

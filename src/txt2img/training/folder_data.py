@@ -13,6 +13,7 @@ once with the file to fix rather than hours into training.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -113,25 +114,44 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image, caption, _ = self.read(index)
+        return image, caption
+
+    def read(self, index: int) -> tuple[torch.Tensor, str, bytes]:
+        """Item ``index`` with the bytes of its file, read once: ``(image, caption, file bytes)``.
+
+        Raises:
+            OSError: the image cannot be read.
+        """
         path, caption = self.items[index]
         try:
-            with Image.open(path) as image:
+            data = Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as image:
                 rgb = image.convert("RGB")
         except (UnidentifiedImageError, OSError) as error:
             raise OSError(f"Cannot read the image {path} ({error}): replace or remove it.") from error
         square = ImageOps.fit(rgb, (self.size, self.size), method=Image.Resampling.BICUBIC)
-        return to_tensor(np.array(square)), caption
+        return to_tensor(np.array(square)), caption, data
 
-    def digest(self) -> str:
-        """A SHA-256 of the folder's contents: each item's file name (relative to the folder), caption and
-        file bytes, in order. Another image, caption or order gives another digest; ``size`` does not enter.
+    def read_all(self) -> tuple[torch.Tensor, list[str], str]:
+        """Every item, each file read once, and a SHA-256 of what was read.
+
+        The digest covers each item's file name (relative to the folder), caption and file bytes, in order:
+        another image, caption or order gives another digest; ``size`` does not enter.
+
+        Returns:
+            ``(images, captions, digest)``: float32 (N, 3, size, size) in [-1, 1], N captions, 64 hex digits.
 
         Raises:
             OSError: an image cannot be read.
         """
         digest = hashlib.sha256()
-        for path, caption in self.items:
+        images, captions = [], []
+        for index, (path, _) in enumerate(self.items):
+            image, caption, data = self.read(index)
             name = Path(path).relative_to(self.root).as_posix()
             digest.update(json.dumps([name, caption]).encode() + b"\0")
-            digest.update(Path(path).read_bytes())
-        return digest.hexdigest()
+            digest.update(data)
+            images.append(image)
+            captions.append(caption)
+        return torch.stack(images), captions, digest.hexdigest()

@@ -150,8 +150,9 @@ class FolderRecipe:
 # Data
 
 
-def read_folder(data: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
-    """Every image of the folder, (N, 3, size, size) float32 in [-1, 1], and its N captions.
+def read_folder(data: str | Path, size: int) -> tuple[torch.Tensor, list[str], str]:
+    """Every image of the folder, (N, 3, size, size) float32 in [-1, 1], its N captions, and the digest of
+    what was read (``ImageFolderDataset.read_all``), each file read once.
 
     Raises:
         OSError: ``data`` is not a folder, or an image cannot be read.
@@ -170,8 +171,7 @@ def read_folder(data: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
             f"Every image in {data} has the same caption: a text-to-image model learns from captions that "
             "differ; give each image one that says what it shows."
         )
-    images, captions = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(images), list(captions)
+    return dataset.read_all()
 
 
 def caption_words(captions: list[str]) -> list[str]:
@@ -234,12 +234,14 @@ def other_captions(captions: list[str], rng: np.random.Generator) -> Callable[[l
     return negatives
 
 
-def folder_data(recipe: FolderRecipe, data: str | Path, images: torch.Tensor, captions: list[str]) -> RunData:
+def folder_data(
+    recipe: FolderRecipe, data: str | Path, images: torch.Tensor, captions: list[str], digest: str
+) -> RunData:
     """A folder as the stages' data: random batches of its images for the VAE, every image encoded once with
     its caption for the pool, the folder's other captions as the mismatched ones, its first distinct captions
-    (8 at most) as the sample grids' rows. ``recipe.json`` records the folder (resolved) and its contents'
-    digest (``ImageFolderDataset.digest``): a resume on another folder, or on one whose images or captions
-    have changed, is refused."""
+    (8 at most) as the sample grids' rows. ``recipe.json`` records the folder (resolved) and ``digest``, its
+    contents' as read (``read_folder``): a resume on another folder, or on one whose images or captions have
+    changed, is refused."""
 
     def encode_pool(encoder: VAEEncoder) -> CaptionedPool:
         latents = torch.cat([encode_latents(encoder, batch) for batch in images.split(256)])
@@ -253,7 +255,7 @@ def folder_data(recipe: FolderRecipe, data: str | Path, images: torch.Tensor, ca
         text=dataclasses.replace(recipe.text, max_length=max(recipe.text.max_length, longest + 2)),
         negative_captions=lambda rng: other_captions(captions, rng),
         sample_prompts=list(dict.fromkeys(captions))[:8],
-        settings={"data": str(Path(data).resolve()), "data_digest": ImageFolderDataset(data).digest()},
+        settings={"data": str(Path(data).resolve()), "data_digest": digest},
         vae_settings=("data", "data_digest", "seed", "size", "vae", "vae_batch_size", "vae_training"),
     )
 
@@ -287,10 +289,11 @@ def train_folder(
             other settings or another folder than the run began with. All before anything is written.
         TrainingDiverged: the GAN stage diverged past its rollbacks (``train_gan``).
     """
-    images, captions = read_folder(data, recipe.size)  # every image read, every caption checked, first
+    # Every image read, every caption checked, first.
+    images, captions, digest = read_folder(data, recipe.size)
     captions = fit_captions(captions, MAX_TOKENS - 2)  # BOS and EOS take two tokens
     trained = train_stages(
-        recipe, folder_data(recipe, data, images, captions), out, progress=progress, resume=resume
+        recipe, folder_data(recipe, data, images, captions, digest), out, progress=progress, resume=resume
     )
     out = Path(out)
     if not distributed.is_main_process():  # rank 0 alone writes under torchrun
