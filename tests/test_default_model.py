@@ -54,8 +54,8 @@ def test_default_model_follows_prompts(default_pipe: Txt2ImgPipeline) -> None:
     report = evaluate(
         pipeline_generator(default_pipe), num_images=48, seed=1, variety_prompts=4, variety_seeds=2
     )
-    assert report.seen["all five"] >= 0.5, report.to_markdown()
-    assert report.seen["color"] >= 0.8 and report.seen["background"] >= 0.8, report.to_markdown()
+    # The full evaluation gives all five 0.99 seen / 0.95 held-out: these floors leave room for sampling alone.
+    assert report.seen["all five"] >= 0.85 and report.held_out["all five"] >= 0.7, report.to_markdown()
     assert report.variety is not None and report.variety > 0.5, report.to_markdown()
 
 
