@@ -41,7 +41,7 @@ def test_reader_reads_each_attribute(readings, name: str) -> None:
 
 @pytest.mark.parametrize(("blur", "noise"), [(0.0, 1.0), (0.0, 4.0), (0.6, 2.0)])
 def test_reader_is_not_thrown_by_invisible_noise_or_a_slight_blur(blur: float, noise: float) -> None:
-    # Generated images are never exact renderings. One grey level of noise once turned 11% of small squares
+    # Generated images are never exact renderings. One grey level of noise once turned 10% of small squares
     # into circles: a half-covered edge row gained a few pixels over one half, and with them a whole row.
     accuracy = reader_accuracy(1200, blur, noise, seed=7)
     assert min(accuracy.values()) >= 0.99, accuracy
