@@ -61,13 +61,38 @@ def test_perturb_blurs_then_adds_noise() -> None:
 def test_a_square_whose_edges_fall_mid_pixel_reads_square() -> None:
     # A 16 px square with a row above and a column to its left 45% covered, three pixels of each at 55%:
     # counting pixels over one half gives a 17 × 17 box that the square fills to 0.91, a circle's fill.
-    green, red = np.array(PALETTE["green"], np.float64), np.array(PALETTE["red"], np.float64)
     coverage = np.zeros((64, 64))
     coverage[24:40, 24:40] = 1.0
     coverage[23, 24:40] = coverage[24:40, 23] = 0.45
     coverage[23, [26, 31, 37]] = coverage[[25, 30, 36], 23] = 0.55
-    image = np.rint(green + coverage[..., None] * (red - green)).astype(np.uint8)
-    assert read_attributes(image) == Attributes("square", "small", "red", "green", "in the center")
+    assert read_attributes(_red_on_green(coverage)) == Attributes(
+        "square", "small", "red", "green", "in the center"
+    )
+
+
+def _red_on_green(coverage: np.ndarray) -> np.ndarray:
+    green, red = np.array(PALETTE["green"], np.float64), np.array(PALETTE["red"], np.float64)
+    return np.rint(green + coverage[..., None] * (red - green)).astype(np.uint8)
+
+
+def test_pieces_stripes_and_dots_fill_their_box_as_little_as_they_look() -> None:
+    # Rows or columns with nothing in them, inside the object, count in full in its height or width.
+    two_squares, striped, dots = np.zeros((3, 64, 64))
+    two_squares[26:38, 17:29] = two_squares[26:38, 35:47] = 1.0  # two 12 px squares, 6 px apart
+    striped[24:40:2, 24:40] = 1.0  # a 16 px square, every other row empty
+    dots[17:47:5, 17:47] = 1.0
+    dots[:, [c for c in range(64) if (c - 17) % 5 != 0]] = 0.0  # 6 × 6 dots over 26 px
+    for coverage in (two_squares, striped, dots):
+        assert read_attributes(_red_on_green(coverage)).shape != "square"
+
+
+def test_a_speck_away_from_the_object_does_not_stretch_its_box() -> None:
+    coverage = np.zeros((64, 64))
+    coverage[24:40, 24:40] = 1.0  # a 16 px square in the center
+    coverage[5, 58] = coverage[6, 58] = 1.0  # a two-pixel speck near the top right corner
+    assert read_attributes(_red_on_green(coverage)) == Attributes(
+        "square", "small", "red", "green", "in the center"
+    )
 
 
 def test_reader_reads_every_value() -> None:

@@ -23,6 +23,7 @@ ATTRIBUTE_NAMES = ("shape", "color", "background", "size", "position")
 BORDER = 2  # width in px of the frame ring whose dominant colour is the background
 OBJECT_DISTANCE = 30.0  # a pixel this far (Euclidean, 0–255 RGB) from the background is clearly object
 MIN_OBJECT_PIXELS = 12  # fewer object pixels than this: no object found
+MIN_PIECE_PIXELS = 5  # a separate piece of the object smaller than this (and not the largest) is a speck
 CELL_EDGES = (24.0, 40.0)  # grid-cell boundaries in px, halfway between the nominal centres 16, 32, 48
 SMALL_BELOW = 23  # bounding-box side in px: below is small (14–18 drawn), else large (28–34 drawn)
 COVERAGE_FLOOR = 0.1  # coverage within this of 0 or of 1 counts as 0 or 1: pixel noise, not an edge
@@ -59,27 +60,63 @@ def nearest_color(rgb: np.ndarray) -> np.ndarray:
     return distance.argmin(-1)
 
 
-def _extent(coverage: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[float, float, float]:
+def _with_neighbours(array: np.ndarray) -> np.ndarray:
+    """Each pixel and its 8 neighbours, zero beyond the edges: (H, W) → (9, H, W)."""
+    height, width = array.shape
+    padded = np.pad(array, 1)
+    return np.stack(
+        [padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    )
+
+
+def _without_specks(mask: np.ndarray) -> np.ndarray:
+    """The mask without its separate pieces (8-connected) of under ``MIN_PIECE_PIXELS`` pixels, the largest
+    piece always kept: bool (H, W) → bool (H, W)."""
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    while True:  # each piece takes its largest label, one pixel further each round
+        spread = np.where(mask, _with_neighbours(labels).max(0), 0)
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    names, sizes = np.unique(labels[mask], return_counts=True)
+    kept = names[(sizes >= MIN_PIECE_PIXELS) | (sizes == sizes.max())]
+    return np.isin(labels, kept)
+
+
+def _profile(row_coverage: np.ndarray) -> np.ndarray:
+    """Each row's share of the object's height from its most-covered pixels (R,): at least the lesser of
+    the largest shares before and after it, so that a gap inside the object counts in full."""
+    rising = np.maximum.accumulate(row_coverage)
+    falling = np.maximum.accumulate(row_coverage[::-1])[::-1]
+    return np.minimum(rising, falling)
+
+
+def _extent(coverage: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
     """Height, width and area of the object in px, to a fraction of a pixel, from its coverage.
 
     Counting whole pixels over one half misreads an edge that falls mid-pixel: pixel noise lifts a few
     pixels of a half-covered row above one half, the bounding box gains a whole row for them, and a 16 px
     square fills 16/17 of it. Here a row counts for its most-covered pixel (one half for that row, in its
-    height as in its area), so a square fills its box whatever its edges' sub-pixel position.
+    height as in its area), so a square fills its box whatever its edges' sub-pixel position; a row inside
+    the object counts in full however little of it is covered, so two pieces, stripes or dots fill their
+    box as little as they do to the eye.
 
     Args:
         coverage: float (H, W) in [0, 1].
-        rows, cols: the indices of the pixels over one half.
+        mask: bool (H, W), the object's pixels (over one half, specks removed).
 
     Returns:
-        ``(height, width, area)``, measured in the pixels' bounding box grown by one pixel on each side
+        ``(height, width, area)``, measured in the mask's bounding box grown by one pixel on each side
         (where an edge row under one half lies), with coverage within ``COVERAGE_FLOOR`` of 0 or 1 taken as 0
-        or 1.
+        or 1 and coverage outside the mask's 8 neighbours taken as 0.
     """
+    rows, cols = np.nonzero(mask)
+    stretched = np.clip((coverage - COVERAGE_FLOOR) / (1.0 - 2.0 * COVERAGE_FLOOR), 0.0, 1.0)
+    covered = np.where(_with_neighbours(mask).any(0), stretched, 0.0)
     top, left = max(int(rows.min()) - 1, 0), max(int(cols.min()) - 1, 0)
-    window = coverage[top : rows.max() + 2, left : cols.max() + 2]
-    window = np.clip((window - COVERAGE_FLOOR) / (1.0 - 2.0 * COVERAGE_FLOOR), 0.0, 1.0)
-    return float(window.max(1).sum()), float(window.max(0).sum()), float(window.sum())
+    window = covered[top : rows.max() + 2, left : cols.max() + 2]
+    height, width = _profile(window.max(1)).sum(), _profile(window.max(0)).sum()
+    return float(height), float(width), float(window.sum())
 
 
 def _border_pixels(image: np.ndarray) -> np.ndarray:
@@ -116,8 +153,10 @@ def read_attributes(image: np.ndarray) -> Attributes:
     if candidates.sum() < MIN_OBJECT_PIXELS:
         return Attributes(background=background_name)
     direction = np.median(pixels[candidates], axis=0) - background  # (3,)
+    if direction @ direction == 0:  # the object's median colour is the background's: nothing stands out
+        return Attributes(background=background_name)
     coverage = np.clip(offset @ direction / (direction @ direction), 0.0, 1.0)  # (H, W)
-    mask = coverage > 0.5
+    mask = _without_specks(coverage > 0.5)
     if mask.sum() < MIN_OBJECT_PIXELS:
         return Attributes(background=background_name)
     color_name = _PALETTE_NAMES[int(nearest_color(np.median(pixels[mask], axis=0)))]
@@ -126,7 +165,7 @@ def read_attributes(image: np.ndarray) -> Attributes:
     rows, cols = np.nonzero(mask)
     center_y, center_x = rows.mean() + 0.5, cols.mean() + 0.5  # pixel centres, in px
     column, row = (int(np.searchsorted(CELL_EDGES, c)) for c in (center_x, center_y))
-    height, width, area = _extent(coverage, rows, cols)
+    height, width, area = _extent(coverage, mask)
     fill = area / (height * width)
     shape = "square" if fill > SQUARE_ABOVE else "circle" if fill > CIRCLE_ABOVE else "triangle"
     return Attributes(
