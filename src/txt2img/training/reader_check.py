@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from txt2img.training.attributes import read_attributes
-from txt2img.training.shapes import SHAPES, SIZES, render, sample_spec
+from txt2img.training.shapes import SHAPES, SIZES, render_batch, sample_spec
 
 # (blur σ in px, noise σ in grey levels 0–255): one grey level is invisible; 8 is plain to see.
 PERTURBATIONS = ((0.0, 0.0), (0.0, 1.0), (0.0, 2.0), (0.0, 4.0), (0.0, 8.0), (0.6, 2.0), (1.0, 4.0))
@@ -63,7 +63,7 @@ def reader_accuracy(
     """
     rng = np.random.default_rng(seed)
     specs = [sample_spec(rng, held_out="only" if i % 3 == 0 else "exclude") for i in range(num_images)]
-    images = perturb(np.stack([render(spec) for spec in specs]), blur_sigma, noise_sigma, rng)
+    images = perturb(render_batch(specs), blur_sigma, noise_sigma, rng)
     right: dict[str, list[bool]] = {f"{size} {shape}": [] for size in SIZES for shape in SHAPES}
     all_five = []
     for image, spec in zip(images, specs, strict=True):
